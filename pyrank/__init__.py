@@ -1,0 +1,24 @@
+"""pyrank: streaming low-rank SVD of LLM weight updates ΔW = W_t − W_0.
+
+Fused kernels compute (W_t − W_0)·X and its transpose straight from bf16/fp16/fp32
+weights; a randomized, warm-startable top-k SVD runs on them.
+
+    import pyrank
+    res = pyrank.svd_lowrank(W_t, k=1, base=W_0)        # res.U, res.S, res.V, res.passes
+    nxt = pyrank.svd_lowrank(W_t2, k=1, base=W_0, init=res)  # warm start
+"""
+from . import ops
+from .linalg import LowRankSVD, default_oversample, svd_lowrank, torch_svd_lowrank
+from .ops import BackendUnavailable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "LowRankSVD",
+    "svd_lowrank",
+    "torch_svd_lowrank",
+    "default_oversample",
+    "BackendUnavailable",
+    "__version__",
+]

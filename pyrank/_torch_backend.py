@@ -1,0 +1,75 @@
+"""The torch reference backend: plain PyTorch, any device.
+
+It is the oracle every other backend is tested against, and the fallback when no
+native backend is available. It still honours pyrank's memory promise: A − B is
+formed one block of rows at a time (about ``_CHUNK_ELEMS`` elements), never as a
+whole m×n temporary.
+
+Every function receives tensors already validated by :mod:`pyrank.ops`: A and B
+(B may be None) are 2-D with the same shape, dtype and device; X, Y, U, S, V are
+in the compute dtype (float32, or float64 for float64 weights) on that device.
+"""
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMS = 1 << 22  # 4 Mi elements = 16 MiB of fp32 per row block
+
+
+def _row_blocks(m: int, n: int):
+    rows = max(1, _CHUNK_ELEMS // max(n, 1))
+    for i in range(0, m, rows):
+        yield i, min(m, i + rows)
+
+
+def _delta(A, B, i, j, cdtype):
+    d = A[i:j].to(cdtype)
+    if B is not None:
+        d = d - B[i:j].to(cdtype)
+    return d
+
+
+def delta_mm(A, B, X, cdtype):
+    m, n = A.shape
+    out = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device)
+    for i, j in _row_blocks(m, n):
+        torch.mm(_delta(A, B, i, j, cdtype), X, out=out[i:j])
+    return out
+
+
+def delta_mm_t(A, B, Y, cdtype):
+    m, n = A.shape
+    out = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device)
+    for i, j in _row_blocks(m, n):
+        out.addmm_(_delta(A, B, i, j, cdtype).t(), Y[i:j])
+    return out
+
+
+def delta_mm_both(A, B, X, Y, cdtype):
+    m, n = A.shape
+    out_x = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device)
+    out_y = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device)
+    for i, j in _row_blocks(m, n):
+        d = _delta(A, B, i, j, cdtype)  # one read of this block serves both products
+        torch.mm(d, X, out=out_x[i:j])
+        out_y.addmm_(d.t(), Y[i:j])
+    return out_x, out_y
+
+
+def delta_sqnorm(A, B, cdtype):
+    m, n = A.shape
+    total = torch.zeros((), dtype=cdtype, device=A.device)
+    for i, j in _row_blocks(m, n):
+        d = _delta(A, B, i, j, cdtype)
+        total += torch.sum(d * d)
+    return total
+
+
+def merge_lowrank(W, U, S, V, alpha, out, cdtype):
+    m, n = W.shape
+    US = U * (alpha * S)  # m×k, fold α·diag(S) into the left factor once
+    for i, j in _row_blocks(m, n):
+        blk = W[i:j].to(cdtype, copy=True)  # copy: .to() is a no-op view for fp32 W
+        blk.addmm_(US[i:j], V.t())
+        out[i:j] = blk.to(W.dtype)  # the one rounding to W's dtype
+    return out

@@ -1,0 +1,338 @@
+"""Randomized top-k SVD of A − base, written once above the backends.
+
+Method: block Krylov with a two-sided Rayleigh–Ritz step (a block Lanczos
+bidiagonalization with thick restarts).
+
+The solver keeps an orthonormal left basis U together with ZU = Δᵀ·U, and an
+orthonormal right basis V together with YV = Δ·V (Δ = A − base, never formed).
+Each *pass* is one read of A and base through :mod:`pyrank.ops` and multiplies only
+the newest block of directions: Δ·(new V) and/or Δᵀ·(new U), both in one fused read
+when both sides have new directions (always, after a warm start). Because every
+basis column's product is stored:
+
+* the Rayleigh–Ritz matrix Uᵀ·Δ·V = Uᵀ·YV costs no pass;
+* both residuals of every Ritz triplet, ‖Δ·v_i − σ_i·u_i‖ = ‖YV·q_i − σ_i·U·p_i‖ and
+  ‖Δᵀ·u_i − σ_i·v_i‖ = ‖ZU·p_i − σ_i·V·q_i‖, are exact a-posteriori values from
+  products already made: the stopping test needs no extra pass;
+* a restart rotates the stored products with the Ritz rotation instead of
+  recomputing them.
+
+New directions are the parts of the newest products orthogonal to the bases,
+orthonormalized in fp32 (fp64 for fp64 weights) after every product — block
+Gram–Schmidt twice, then Householder QR with a rank-revealing SVD of R, which also
+drops directions the operator has exhausted (rank-deficient or zero Δ).
+
+Why Krylov rather than plain subspace iteration: benchmarks/bench_svd.py measures
+both (``method="subspace"`` keeps only the newest block); Krylov needs fewer passes
+for the same residual on RL-like and small-gap spectra, and passes are what cost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["LowRankSVD", "svd_lowrank", "torch_svd_lowrank", "default_oversample"]
+
+
+@dataclass
+class LowRankSVD:
+    """Top-k singular triplets of A − base.
+
+    U: (m, k), S: (k,) descending, V: (n, k) — float32, or float64 for float64 weights.
+    passes: reads of A and base (a fused two-sided read counts once).
+    residual: (k,) max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖) / σ_1 per triplet.
+    converged: every residual ≤ tol.
+    Signs: the largest-magnitude entry of every u_i is positive.
+    """
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    passes: int
+    residual: Tensor
+    converged: bool
+    # The oversampled Ritz bases (U_l, V_l): a warm start from this result reuses them.
+    basis: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False)
+
+    def __iter__(self):  # allows ``U, S, V = pyrank.svd_lowrank(...)``
+        return iter((self.U, self.S, self.V))
+
+
+def default_oversample(k: int) -> int:
+    """Extra basis columns beyond k. Chosen from benchmarks/bench_svd.py (see RESULTS.md)."""
+    return min(max(4, k), 16)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int) -> Tensor:
+    """Orthonormal directions of W orthogonal to ``basis`` (at most ``limit``).
+
+    Block Gram–Schmidt twice ("twice is enough"), then Householder QR and an SVD of
+    the small R: directions whose norm falls below ``drop`` are numerically in the
+    span already (or in Δ's null space) and are discarded.
+    """
+    if W.shape[1] == 0 or limit <= 0:
+        return W.new_zeros(W.shape[0], 0)
+    if basis is not None and basis.shape[1] > 0:
+        for _ in range(2):
+            W = W - basis @ (basis.T @ W)
+    Q, R = torch.linalg.qr(W)
+    Ur, s, _ = torch.linalg.svd(R)
+    keep = int((s > drop).sum())
+    keep = min(keep, limit, W.shape[0] - (0 if basis is None else basis.shape[1]))
+    return Q @ Ur[:, :keep]
+
+
+def _random_orth(rows: int, cols: int, gen: torch.Generator, like: Tensor) -> Tensor:
+    G = torch.randn(rows, cols, generator=gen, dtype=torch.float64)  # CPU: same draw on any device
+    return torch.linalg.qr(G.to(device=like.device, dtype=like.dtype))[0]
+
+
+def _fix_signs(U: Tensor, V: Tensor) -> Tuple[Tensor, Tensor]:
+    """Flip each (u_i, v_i) so that u_i's largest-magnitude entry is positive."""
+    if U.shape[1] == 0:
+        return U, V
+    idx = U.abs().argmax(dim=0)
+    sgn = torch.sign(U.gather(0, idx[None, :]))[0]
+    sgn[sgn == 0] = 1
+    return U * sgn, V * sgn
+
+
+def _complete(Q: Tensor, cols: int, gen: torch.Generator) -> Tensor:
+    """Extend orthonormal Q to ``cols`` columns with directions orthogonal to it."""
+    rows = Q.shape[0]
+    while Q.shape[1] < cols:
+        extra = _random_orth(rows, cols - Q.shape[1], gen, Q)
+        Q = torch.cat([Q, _orth_against(Q, extra, 0.5, cols - Q.shape[1])], dim=1)
+    return Q
+
+
+# ------------------------------------------------------------------ solver
+
+
+def svd_lowrank(
+    A: Tensor,
+    k: int = 1,
+    *,
+    base: Optional[Tensor] = None,
+    init: Union["LowRankSVD", Tuple[Tensor, Tensor], None] = None,
+    tol: float = 1e-4,
+    max_passes: Optional[int] = None,
+    oversample: Optional[int] = None,
+    seed: Optional[int] = None,
+    backend: str = "auto",
+    method: str = "krylov",
+) -> LowRankSVD:
+    """Top-k singular triplets of ``A − base`` without forming it.
+
+    Args:
+        A: (m, n) weight, bfloat16 / float16 / float32 / float64, any strides.
+        k: number of triplets (≥ 1); k ≥ min(m, n) is clipped and gives the exact SVD.
+        base: (m, n) weight of A's dtype and device, or None for A itself.
+        init: a previous :class:`LowRankSVD` (its oversampled bases are reused) or a
+            ``(U, V)`` pair of shapes (m, j), (n, j): warm start, e.g. from the
+            previous checkpoint. The first pass is then one fused two-sided read.
+        tol: stop when every residual ``max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖)/σ_1``
+            is ≤ tol. For bf16/fp16/fp32 weights the products are fp32, so tolerances
+            much below ~1e-6 may not be reachable; the result then says
+            ``converged=False``.
+        max_passes: cap on reads of A and base (default 40); reaching it returns the
+            best triplets with ``converged=False`` rather than raising.
+        oversample: extra basis columns (default :func:`default_oversample`).
+        seed: seeds the random start (None means 0: results are reproducible).
+        backend: "auto", "torch", "cpu" or "triton" (see :mod:`pyrank.ops`).
+        method: "krylov" (default) keeps the whole block Krylov space between
+            restarts; "subspace" keeps only the newest block (subspace iteration with
+            Rayleigh–Ritz), kept for the benchmark that chose between them.
+
+    Raises:
+        ValueError: k < 1, bad shapes, or NaN/Inf in A or base (named).
+    """
+    ops.check_weights(A, base, names=("A", "base"))
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if method not in ("krylov", "subspace"):
+        raise ValueError(f"method must be 'krylov' or 'subspace', got {method!r}")
+    m, n = A.shape
+    if m == 0 or n == 0:
+        raise ValueError(f"A is empty (shape {tuple(A.shape)})")
+    name, _ = ops.resolve_backend(backend, A.device)  # fail early, and once
+
+    k = min(k, m, n)
+    p = default_oversample(k) if oversample is None else int(oversample)
+    if p < 0:
+        raise ValueError(f"oversample must be >= 0, got {oversample}")
+    l = min(k + p, m, n)  # block size
+    max_passes = 40 if max_passes is None else int(max_passes)
+    if max_passes < 1:
+        raise ValueError(f"max_passes must be >= 1, got {max_passes}")
+    cdtype = ops.compute_dtype(A.dtype)
+    eps = torch.finfo(cdtype).eps
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    dev = A.device
+    like = torch.empty(0, dtype=cdtype, device=dev)
+    # Krylov bases grow by ≤ l columns a pass; restart beyond this (measured: a larger
+    # basis saves passes, and (m+n)·max_basis floats is still small next to A)
+    max_basis = max(8 * l, 64) if method == "krylov" else l
+
+    # ---- start blocks: pending directions whose products are not yet known
+    if init is not None:
+        U0, V0 = _init_bases(init, m, n, dev, cdtype)
+        # Two random columns ride along: they make a stale (invariant but no longer
+        # dominant) warm subspace impossible to mistake for the answer, and they let a
+        # zero product prove Δ = 0.
+        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 2), gen)
+        pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, l + 2), gen)
+    elif n <= m:  # start on the smaller side: k ≥ min(m, n) is then exact in 2 passes
+        pend_u, pend_v = like.new_zeros(m, 0), _random_orth(n, l, gen, like)
+    else:
+        pend_u, pend_v = _random_orth(m, l, gen, like), like.new_zeros(n, 0)
+
+    U, ZU = like.new_zeros(m, 0), like.new_zeros(n, 0)  # left basis and Δᵀ·U
+    V, YV = like.new_zeros(n, 0), like.new_zeros(m, 0)  # right basis and Δ·V
+    scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
+    passes = 0
+
+    while True:
+        # ---- one pass: multiply the pending blocks (fused when both sides have some)
+        has_u, has_v = pend_u.shape[1] > 0, pend_v.shape[1] > 0
+        if has_u and has_v:
+            yv_new, zu_new = ops.delta_mm_both(A, base, pend_v, pend_u, backend=name)
+        elif has_v:
+            yv_new, zu_new = ops.delta_mm(A, base, pend_v, backend=name), None
+        else:
+            yv_new, zu_new = None, ops.delta_mm_t(A, base, pend_u, backend=name)
+        passes += 1
+        for t in (yv_new, zu_new):
+            if t is not None:
+                if not bool(torch.isfinite(t).all()):
+                    _raise_nonfinite(A, base)
+                scale = max(scale, float(torch.linalg.vector_norm(t, dim=0).max()))
+        if scale == 0.0:
+            # Every start block had a random part, so Δ·(random) = 0 means Δ = 0.
+            return _zero_result(m, n, k, passes, gen, like)
+        if yv_new is not None:
+            V, YV = torch.cat([V, pend_v], 1), torch.cat([YV, yv_new], 1)
+        if zu_new is not None:
+            U, ZU = torch.cat([U, pend_u], 1), torch.cat([ZU, zu_new], 1)
+        drop = 64 * eps * scale
+
+        # ---- Krylov expansion: what the newest products add to the bases
+        # (keep every direction the block adds: one dropped here would never come back,
+        # since later expansions only look at newer products, and the residual would stall)
+        pend_u = _orth_against(U, yv_new, drop, yv_new.shape[1]) if yv_new is not None else U[:, :0]
+        pend_v = _orth_against(V, zu_new, drop, zu_new.shape[1]) if zu_new is not None else V[:, :0]
+        if not (U.shape[1] and V.shape[1]):
+            continue  # cold start: one side has no products yet, no Rayleigh–Ritz possible
+
+        # ---- Rayleigh–Ritz; residuals come from stored products, no extra pass
+        P, sig, Qt = torch.linalg.svd((U.T @ YV).double(), full_matrices=False)
+        P, sig, Q = P.to(cdtype), sig.to(cdtype), Qt.T.to(cdtype)
+        kk = min(k, sig.shape[0])
+        Pk, Qk, sk = P[:, :kk], Q[:, :kk], sig[:kk]
+        r_left = torch.linalg.vector_norm(YV @ Qk - U @ (Pk * sk), dim=0)
+        r_right = torch.linalg.vector_norm(ZU @ Pk - V @ (Qk * sk), dim=0)
+        sig1 = float(sig[0])
+        rel = torch.maximum(r_left, r_right) / sig1 if sig1 > 0 else torch.zeros_like(sk)
+        exhausted = pend_u.shape[1] == 0 and pend_v.shape[1] == 0
+        converged = (kk == k or exhausted) and bool((rel <= tol).all())
+        if converged or exhausted or passes >= max_passes:
+            return _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
+
+        if method == "subspace":
+            # plain two-sided subspace iteration: replace both bases by Δ·(Ritz V), Δᵀ·(Ritz U)
+            keep = min(l, sig.shape[0])
+            pend_u = _orth_against(None, YV @ Q[:, :keep], drop, l)
+            pend_v = _orth_against(None, ZU @ P[:, :keep], drop, l)
+            U, ZU, V, YV = U[:, :0], ZU[:, :0], V[:, :0], YV[:, :0]
+        elif U.shape[1] + pend_u.shape[1] > max_basis or V.shape[1] + pend_v.shape[1] > max_basis:
+            # thick restart: keep the top-l Ritz vectors, rotate their stored products, and
+            # continue from their residual directions
+            keep = min(l, sig.shape[0])
+            U, ZU = U @ P[:, :keep], ZU @ P[:, :keep]
+            V, YV = V @ Q[:, :keep], YV @ Q[:, :keep]
+            pend_u = _orth_against(U, YV, drop, l)
+            pend_v = _orth_against(V, ZU, drop, l)
+
+
+def _init_bases(init, m, n, dev, cdtype) -> Tuple[Tensor, Tensor]:
+    if isinstance(init, LowRankSVD):
+        U0, V0 = init.basis if init.basis is not None else (init.U, init.V)
+    elif isinstance(init, (tuple, list)) and len(init) == 2:
+        U0, V0 = init
+    else:
+        raise TypeError("init must be a LowRankSVD or a (U, V) pair of tensors")
+    for name, T, rows in (("init U", U0, m), ("init V", V0, n)):
+        if not isinstance(T, Tensor) or T.dim() != 2 or T.shape[0] != rows:
+            raise ValueError(f"{name} must be a 2-D tensor with {rows} rows, got "
+                             f"{tuple(T.shape) if isinstance(T, Tensor) else type(T).__name__}")
+        if not bool(torch.isfinite(T).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    return U0.to(device=dev, dtype=cdtype), V0.to(device=dev, dtype=cdtype)
+
+
+def _raise_nonfinite(A: Tensor, base: Optional[Tensor]):
+    for nm, T in (("A", A), ("base", base)):
+        if T is not None and not bool(torch.isfinite(T).all()):
+            raise ValueError(f"{nm} contains NaN or Inf; pyrank does not propagate non-finite weights")
+    raise ValueError("A − base overflows to Inf in the compute dtype")
+
+
+def _zero_result(m, n, k, passes, gen, like) -> LowRankSVD:
+    U = _random_orth(m, k, gen, like)
+    V = _random_orth(n, k, gen, like)
+    U, V = _fix_signs(U, V)
+    z = like.new_zeros(k)
+    return LowRankSVD(U, z, V, passes, z.clone(), True, basis=(U, V))
+
+
+def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowRankSVD:
+    kk = rel.shape[0]
+    Uk, Vk, S = U @ P[:, :kk], V @ Q[:, :kk], sig[:kk]
+    if kk < k:
+        # Δ has numerical rank kk < k and the Krylov space is exhausted: the remaining
+        # triplets have σ = 0 and vectors orthogonal to Δ's ranges; their residual is the
+        # drop threshold below which directions were discarded.
+        Uk = _complete(Uk, k, gen)
+        Vk = _complete(Vk, k, gen)
+        S = torch.cat([S, S.new_zeros(k - kk)])
+        rel = torch.cat([rel, rel.new_full((k - kk,), pad_res)])
+    Uk, Vk = _fix_signs(Uk, Vk)
+    keep = min(l, P.shape[1])
+    basis = (U @ P[:, :keep], V @ Q[:, :keep])
+    return LowRankSVD(Uk, S, Vk, passes, rel, bool(converged), basis=basis)
+
+
+def torch_svd_lowrank(
+    A: Tensor, q: Optional[int] = 6, niter: int = 2, M: Optional[Tensor] = None, *, tol: float = 1e-4,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Drop-in for ``torch.svd_lowrank(A, q, niter, M)``: returns ``(U, S, V)``.
+
+    Same arguments and return convention (U: (m, q), S: (q,), V: (n, q), A ≈ M + U·diag(S)·Vᵀ),
+    computed by :func:`svd_lowrank` with ``base=M``. ``q`` is the rank returned (clipped
+    to min(m, n)); ``niter`` is accepted for compatibility only — pyrank iterates until
+    every residual is ≤ ``tol`` instead. Only 2-D A and a full (m, n) M are supported.
+    Results are in A's dtype for float32/float64 A, float32 for bf16/fp16 A (which
+    torch.svd_lowrank does not accept at all).
+    """
+    if isinstance(A, Tensor) and A.dim() != 2:
+        raise ValueError(f"pyrank.torch_svd_lowrank supports 2-D A only, got shape {tuple(A.shape)}")
+    if not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"niter must be a non-negative int, got {niter!r}")
+    if q is None:
+        q = 6
+    res = svd_lowrank(A, k=min(int(q), *A.shape), base=M, tol=tol, backend=backend)
+    return res.U, res.S, res.V

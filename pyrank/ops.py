@@ -1,0 +1,242 @@
+"""pyrank's primitives, and the one place where backends are chosen.
+
+Everything above this module (the SVD, the tracker, the tools) calls only these
+functions. Each checks its inputs once, picks a backend, and hands the backend
+tensors it may trust:
+
+* ``delta_mm(A, B, X)``        = (A − B) @ X                           m×k
+* ``delta_mm_t(A, B, Y)``      = (A − B)ᵀ @ Y                          n×k
+* ``delta_mm_both(A, B, X, Y)`` = both, in a single read of A and B
+* ``delta_sqnorm(A, B)``       = ‖A − B‖_F²                            0-d tensor
+* ``merge_lowrank(W, U, S, V, alpha, out)`` = W + α·U·diag(S)·Vᵀ, fp32 math, one
+  rounding to W's dtype
+
+A and B are 2-D weights of one shape, dtype (bfloat16, float16, float32 or float64)
+and device, with any strides; B may be None (then A alone). The small operands
+(X, Y, U, S, V) are cast to the compute dtype — float32, or float64 for float64
+weights — and results come back in it. A − B is never materialized.
+
+Backends: ``"torch"`` (reference, any device), ``"cpu"`` (pyrank._C, C++), and
+``"triton"`` (pyrank.triton_kernels, CUDA; on CPU tensors only under
+TRITON_INTERPRET=1, which is how the tests run it). ``"auto"`` — or the
+``PYRANK_BACKEND`` environment variable when set — picks triton for CUDA tensors,
+cpu for CPU tensors when the extension is built, and torch otherwise.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "backend_status",
+    "resolve_backend",
+    "delta_mm",
+    "delta_mm_t",
+    "delta_mm_both",
+    "delta_sqnorm",
+    "merge_lowrank",
+]
+
+BACKENDS = ("torch", "cpu", "triton")
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------- dispatch
+
+_MODULES = {
+    "torch": "pyrank._torch_backend",
+    "cpu": "pyrank._cpu_backend",
+    "triton": "pyrank._triton_backend",
+}
+_loaded: dict = {}
+
+
+def _load(name: str):
+    """Import a backend module; raise BackendUnavailable with the reason if it can't run."""
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            reason = mod.unavailable_reason() if hasattr(mod, "unavailable_reason") else None
+        except ImportError as exc:  # an optional dependency is missing
+            mod, reason = None, f"import failed: {exc}"
+        _loaded[name] = (mod, reason)
+    mod, reason = _loaded[name]
+    if reason is not None:
+        raise BackendUnavailable(f"pyrank backend {name!r} is unavailable: {reason}")
+    return mod
+
+
+def backend_status() -> dict:
+    """``{name: None if usable else reason}`` for every backend (what ``pyrank env`` prints)."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            _load(name)
+            out[name] = None
+        except BackendUnavailable as exc:
+            out[name] = str(exc).split(": ", 1)[1]
+    return out
+
+
+def _available(name: str) -> bool:
+    try:
+        _load(name)
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def resolve_backend(backend: str, device: torch.device) -> Tuple[str, object]:
+    """Map ``backend`` ("auto" or a name) and a device to (name, backend module)."""
+    if backend == "auto":
+        backend = os.environ.get("PYRANK_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        if device.type == "cuda" and _available("triton"):
+            backend = "triton"
+        elif device.type == "cpu" and _available("cpu"):
+            backend = "cpu"
+        else:
+            backend = "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    mod = _load(backend)
+    if hasattr(mod, "supports_device") and not mod.supports_device(device):
+        raise BackendUnavailable(
+            f"pyrank backend {backend!r} cannot run on {device.type} tensors: {mod.device_hint()}"
+        )
+    return backend, mod
+
+
+# ---------------------------------------------------------------- validation
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 weights are computed in float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_weights(A: Tensor, B: Optional[Tensor], names=("A", "B")) -> None:
+    """Validate a weight pair (B may be None). Errors name the offending tensor."""
+    na, nb = names
+    if not isinstance(A, Tensor):
+        raise TypeError(f"{na} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2:
+        raise ValueError(f"{na} must be 2-D, got shape {tuple(A.shape)}")
+    if A.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{na} has dtype {A.dtype}; supported: bfloat16, float16, float32, float64")
+    if B is None:
+        return
+    if not isinstance(B, Tensor):
+        raise TypeError(f"{nb} must be a torch.Tensor or None, got {type(B).__name__}")
+    if B.shape != A.shape:
+        raise ValueError(f"{nb} has shape {tuple(B.shape)} but {na} has {tuple(A.shape)}")
+    if B.dtype != A.dtype:
+        raise TypeError(f"{nb} has dtype {B.dtype} but {na} has {A.dtype}; they must match")
+    if B.device != A.device:
+        raise ValueError(f"{nb} is on {B.device} but {na} is on {A.device}")
+
+
+def _factor(X: Tensor, name: str, rows: int, A: Tensor, ndim: int = 2) -> Tensor:
+    """Validate a small operand and cast it to the compute dtype of A."""
+    if not isinstance(X, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+    if X.dim() != ndim or X.shape[0] != rows:
+        want = f"({rows}, k)" if ndim == 2 else f"({rows},)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(X.shape)}")
+    if not (X.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor, got {X.dtype}")
+    if X.device != A.device:
+        raise ValueError(f"{name} is on {X.device} but the weights are on {A.device}")
+    return X.to(compute_dtype(A.dtype))
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, backend: str = "auto") -> Tensor:
+    """(A − B) @ X.  A, B: (m, n) weights; X: (n, k).  Returns (m, k) in the compute dtype."""
+    check_weights(A, B)
+    X = _factor(X, "X", A.shape[1], A)
+    _, be = resolve_backend(backend, A.device)
+    return be.delta_mm(A, B, X, compute_dtype(A.dtype))
+
+
+def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, backend: str = "auto") -> Tensor:
+    """(A − B)ᵀ @ Y without a transposed copy.  Y: (m, k).  Returns (n, k)."""
+    check_weights(A, B)
+    Y = _factor(Y, "Y", A.shape[0], A)
+    _, be = resolve_backend(backend, A.device)
+    return be.delta_mm_t(A, B, Y, compute_dtype(A.dtype))
+
+
+def delta_mm_both(
+    A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, backend: str = "auto"
+) -> Tuple[Tensor, Tensor]:
+    """((A − B) @ X, (A − B)ᵀ @ Y) in one read of A and B.  X: (n, kx); Y: (m, ky)."""
+    check_weights(A, B)
+    X = _factor(X, "X", A.shape[1], A)
+    Y = _factor(Y, "Y", A.shape[0], A)
+    _, be = resolve_backend(backend, A.device)
+    return be.delta_mm_both(A, B, X, Y, compute_dtype(A.dtype))
+
+
+def delta_sqnorm(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+    """‖A − B‖_F² as a 0-d tensor in the compute dtype."""
+    check_weights(A, B)
+    _, be = resolve_backend(backend, A.device)
+    return be.delta_sqnorm(A, B, compute_dtype(A.dtype))
+
+
+def merge_lowrank(
+    W: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    alpha: float = 1.0,
+    out: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """W + alpha·U·diag(S)·Vᵀ, computed in fp32 (fp64 for fp64 W), rounded once to W's dtype.
+
+    W: (m, n); U: (m, k); S: (k,); V: (n, k).  ``out=None`` allocates the result;
+    ``out is W`` updates W in place; any other ``out`` must be a separate tensor of W's
+    shape, dtype and device (it may not overlap W).
+    """
+    check_weights(W, None, names=("W", None))
+    m, n = W.shape
+    U = _factor(U, "U", m, W)
+    V = _factor(V, "V", n, W)
+    S = _factor(S, "S", U.shape[1], W, ndim=1)
+    if V.shape[1] != U.shape[1]:
+        raise ValueError(f"U has {U.shape[1]} columns but V has {V.shape[1]}")
+    if out is None:
+        out = torch.empty_like(W)
+    elif out is not W:
+        check_weights(W, out, names=("W", "out"))
+        same_memory = out.data_ptr() == W.data_ptr() and out.stride() == W.stride()
+        if not same_memory and _overlaps(out, W):
+            raise ValueError("out overlaps W without being W itself; pass out=W for in place")
+    _, be = resolve_backend(backend, W.device)
+    return be.merge_lowrank(W, U, S, V, float(alpha), out, compute_dtype(W.dtype))
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    def span(t):
+        lo = t.data_ptr()
+        hi = lo + t.element_size() * (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())))
+        return lo, hi
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -1,0 +1,55 @@
+"""Shared references and comparisons for the tests (float64 LAPACK is the truth)."""
+import math
+
+import torch
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+DT_ID = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def make_pair(m, n, dtype, seed=0, layout="contiguous", with_base=True, scale=1.0):
+    """(A, B) of shape (m, n) in ``dtype`` laid out as asked; B None when not with_base."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        if layout == "contiguous":
+            t = torch.randn(m, n, generator=g)
+        elif layout == "transposed":  # a (n, m) row-major buffer seen as (m, n)
+            t = torch.randn(n, m, generator=g).t()
+        elif layout == "sliced":  # every other row and column of a bigger buffer
+            t = torch.randn(2 * m + 1, 2 * n + 3, generator=g)[1::2, ::2]
+        else:
+            raise ValueError(layout)
+        return (t * scale).to(dtype)
+
+    A = one()
+    return A, (one() if with_base else None)
+
+
+def exact_delta(A, B):
+    return A.double() - (B.double() if B is not None else 0)
+
+
+def compute_eps(dtype):
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def rel_err(out, ref):
+    ref = ref.double()
+    den = ref.norm().item()
+    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def sin_angle(U, W):
+    """Largest principal-angle sine between the column spans of U and W (float64)."""
+    Qa = torch.linalg.qr(U.double())[0]
+    Qb = torch.linalg.qr(W.double())[0]
+    c = torch.linalg.svdvals(Qa.T @ Qb)
+    cmin = float(c.min()) if c.numel() else 1.0
+    return math.sqrt(max(0.0, 1.0 - min(1.0, cmin) ** 2))
+
+
+def assert_orthonormal(Q, atol):
+    k = Q.shape[1]
+    err = (Q.double().T @ Q.double() - torch.eye(k, dtype=torch.float64)).abs().max().item()
+    assert err <= atol, f"columns not orthonormal: max |QᵀQ − I| = {err:.2e}"
