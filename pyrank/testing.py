@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["rl_like_pair", "with_spectrum", "random_orthonormal"]
+__all__ = ["rl_like_pair", "rl_like_series", "with_spectrum", "random_orthonormal", "rotate"]
 
 
 def random_orthonormal(rows: int, cols: int, gen: torch.Generator) -> Tensor:
@@ -67,3 +67,30 @@ def rl_like_pair(
     dW = ((a * s) @ b.T).float() + noise
     Wt = (W0.float() + dW).to(dtype)
     return Wt, W0
+
+
+def rotate(M: Tensor, angle: float, gen: torch.Generator) -> Tensor:
+    """Turn every column of orthonormal M by ``angle`` rad towards a random orthogonal direction."""
+    G = torch.randn(M.shape, generator=gen, dtype=torch.float64)
+    G -= M @ (M.T @ G)
+    G /= G.norm(dim=0)
+    Q, R = torch.linalg.qr(M * torch.cos(torch.tensor(angle)) + G * torch.sin(torch.tensor(angle)))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+def rl_like_series(
+    m: int, n: int, steps: int, *, angle: float = 1e-3, rank: int = 4, seed: int = 0, **kw
+) -> Tuple[Tensor, list]:
+    """(W_0, [W_1, …, W_steps]): checkpoints whose low-rank update directions turn by
+    ``angle`` rad from one step to the next (same base and noise throughout), as
+    consecutive RL checkpoints do. Extra keywords go to :func:`rl_like_pair`."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = random_orthonormal(m, rank, gen), random_orthonormal(n, rank, gen)
+    dtype = kw.pop("dtype", torch.bfloat16)
+    W0 = (torch.randn(m, n, generator=gen) * kw.pop("weight_std", 0.02)).to(dtype)
+    out = []
+    for _ in range(steps):
+        Wt, _ = rl_like_pair(m, n, rank=rank, seed=seed + 1, directions=(a, b), W0=W0, dtype=dtype, **kw)
+        out.append(Wt)
+        a, b = rotate(a, angle, gen), rotate(b, angle, gen)
+    return W0, out
