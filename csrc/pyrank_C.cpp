@@ -1,24 +1,131 @@
 // pyrank._C: the C++ CPU backend (pybind11, no torch headers).
-// This first version only proves the native build path and reports the CPU's features;
-// the kernels arrive with the native-kernels issue.
+//
+// The Python side (pyrank/_cpu_backend.py) validates and lays out the tensors, keeps them
+// alive, and passes raw pointers, shapes and element strides. This file picks the best SIMD
+// variant of csrc/kernels.cpp that the CPU supports, once at import (PYRANK_CPU_ISA or
+// set_isa() may choose a lower one, e.g. to test every variant on one machine), and releases
+// the GIL while a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
 
 namespace py = pybind11;
+using pyrank::KernelTable;
+using pyrank::Mat;
 
-static py::dict cpu_features() {
-  py::dict d;
+namespace {
+
+struct Variant {
+  const char* name;
+  void (*fill)(KernelTable*);
+  bool supported;
+};
+
+bool cpu_has(const char* what) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  d["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
-  d["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
-  d["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
-  d["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  std::string w(what);
+  if (w == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (w == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  if (w == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
+  (void)what;
+  return false;
+}
+
+std::vector<Variant>& variants() {  // best last
+  static std::vector<Variant> v = [] {
+    std::vector<Variant> out{{"scalar", pyrank_kernels_scalar, true}};
+#if PYRANK_HAVE_AVX2
+    out.push_back({"avx2", pyrank_kernels_avx2, cpu_has("avx2")});
+#endif
+#if PYRANK_HAVE_AVX512
+    out.push_back({"avx512", pyrank_kernels_avx512, cpu_has("avx512")});
+#endif
+#if PYRANK_HAVE_AVX512BF16
+    out.push_back({"avx512bf16", pyrank_kernels_avx512bf16, cpu_has("avx512bf16")});
+#endif
+    return out;
+  }();
+  return v;
+}
+
+KernelTable g_table;
+
+void set_isa(const std::string& name) {
+  for (auto& v : variants()) {
+    if (name == v.name) {
+      if (!v.supported) throw std::runtime_error("this CPU lacks the instructions of variant " + name);
+      v.fill(&g_table);
+      return;
+    }
+  }
+  throw std::runtime_error("no kernel variant named '" + name + "' was built");
+}
+
+void select_best() {
+  const char* forced = std::getenv("PYRANK_CPU_ISA");
+  if (forced && *forced) return set_isa(forced);
+  for (auto it = variants().rbegin(); it != variants().rend(); ++it)
+    if (it->supported) return it->fill(&g_table);
+}
+
+inline Mat mat(uintptr_t p, int64_t s0, int64_t s1) { return Mat{reinterpret_cast<const void*>(p), s0, s1}; }
+
+py::dict cpu_features() {
+  py::dict d;
+  for (const char* f : {"avx2", "avx512", "avx512bf16"}) d[f] = cpu_has(f);
   return d;
 }
 
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyrank's C++ CPU backend";
+  m.doc() = "pyrank's C++ CPU backend: fused kernels on (A - B), runtime SIMD dispatch";
+  select_best();
+  m.attr("has_kernels") = true;
   m.def("cpu_features", &cpu_features, "SIMD features of this CPU, as the dispatcher sees them");
-  m.attr("has_kernels") = false;
+  m.def("selected_isa", [] { return std::string(g_table.name); }, "the kernel variant in use");
+  m.def("set_isa", &set_isa, py::arg("name"), "use another built, supported kernel variant");
+  m.def("isa_variants", [] {
+    std::vector<std::string> out;
+    for (auto& v : variants()) if (v.supported) out.push_back(v.name);
+    return out;
+  }, "kernel variants built into this module that this CPU can run");
+  m.def(
+      "delta_mm_both",
+      [](int dtype, int64_t rows, int64_t cols, uintptr_t a, int64_t as0, int64_t as1, uintptr_t b,
+         int64_t bs0, int64_t bs1, uintptr_t xt, int64_t kx, uintptr_t out_x, uintptr_t y,
+         int64_t ky, uintptr_t out_yt, int nthreads) {
+        g_table.delta_mm_both(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1),
+                              reinterpret_cast<const float*>(xt), kx, reinterpret_cast<float*>(out_x),
+                              reinterpret_cast<const float*>(y), ky, reinterpret_cast<float*>(out_yt),
+                              nthreads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "delta_sqnorm",
+      [](int dtype, int64_t rows, int64_t cols, uintptr_t a, int64_t as0, int64_t as1, uintptr_t b,
+         int64_t bs0, int64_t bs1, int nthreads) {
+        return g_table.delta_sqnorm(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1), nthreads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "merge_lowrank",
+      [](int dtype, int64_t rows, int64_t cols, uintptr_t w, int64_t ws0, int64_t ws1, uintptr_t out,
+         int64_t os0, int64_t os1, uintptr_t us, uintptr_t vt, int64_t k, int nthreads) {
+        g_table.merge_lowrank(dtype, rows, cols, mat(w, ws0, ws1), reinterpret_cast<void*>(out), os0,
+                              os1, reinterpret_cast<const float*>(us),
+                              reinterpret_cast<const float*>(vt), k, nthreads);
+      },
+      py::call_guard<py::gil_scoped_release>());
 }

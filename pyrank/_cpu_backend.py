@@ -1,5 +1,17 @@
-"""The C++ CPU backend (pyrank._C)."""
+"""The C++ CPU backend: pyrank._C, called with pointers, shapes and strides.
+
+Tensors arrive validated by :mod:`pyrank.ops`. This module only arranges layouts:
+the kernels stream rows, so a pair whose rows are contiguous runs as is; a pair of
+column-major tensors (e.g. ``W.T`` views) runs as the transposed problem on row-major
+views — ΔX = (Δᵀ)ᵀX and ΔᵀY = (Δᵀ)Y swap roles — and anything else is gathered
+element by element (correct, slower). float64 weights are computed by the torch
+reference in float64. Threads follow ``torch.get_num_threads()``.
+"""
 from __future__ import annotations
+
+import torch
+
+from . import _torch_backend
 
 try:
     from . import _C
@@ -7,13 +19,13 @@ except ImportError as exc:  # built with PYRANK_SKIP_CPP=1, or no compiler at in
     _C = None
     _IMPORT_ERROR = str(exc)
 
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
 
 def unavailable_reason():
     if _C is None:
         return (f"pyrank._C is not built ({_IMPORT_ERROR}); reinstall with a C++17 compiler "
                 "and without PYRANK_SKIP_CPP=1: pip install -e .")
-    if not getattr(_C, "has_kernels", False):
-        return "pyrank._C is built but its kernels are not implemented yet"
     return None
 
 
@@ -23,3 +35,91 @@ def supports_device(device):
 
 def device_hint():
     return "the cpu backend takes CPU tensors; use backend='triton' or 'torch' for CUDA tensors"
+
+
+def _colmajor(T):
+    return T is None or (T.stride(0) == 1 and T.stride(1) != 1) or T.shape[1] == 1
+
+
+def _rowmajor(T):
+    return T is None or T.stride(1) == 1 or T.shape[1] == 1
+
+
+def _transposed(A, B) -> bool:
+    """Run on Aᵀ, Bᵀ? Only when that turns both into row-streamable views."""
+    return not (_rowmajor(A) and _rowmajor(B)) and _colmajor(A) and _colmajor(B)
+
+
+def _mat(T):
+    if T is None:
+        return 0, 0, 0
+    return T.data_ptr(), T.stride(0), T.stride(1)
+
+
+def _fused(A, B, X, Y):
+    """(ΔX or None, ΔᵀY or None) for fp32 X (n×kx), Y (m×ky); one read of A and B."""
+    if _transposed(A, B):
+        Q, P = _fused(A.t(), None if B is None else B.t(), Y, X)
+        return P, Q
+    m, n = A.shape
+    kx = 0 if X is None else X.shape[1]
+    ky = 0 if Y is None else Y.shape[1]
+    out_x = torch.empty(m, kx, dtype=torch.float32) if X is not None else None
+    out_yT = torch.empty(ky, n, dtype=torch.float32) if Y is not None else None
+    if m == 0 or n == 0:  # nothing to read: the products are zero
+        return (None if out_x is None else out_x.zero_(),
+                None if out_yT is None else out_yT.zero_().t().contiguous())
+    XT = X.t().contiguous() if X is not None else None
+    Yc = Y.contiguous() if Y is not None else None
+    _C.delta_mm_both(
+        _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
+        0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
+        0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out_x, None if out_yT is None else out_yT.t().contiguous()
+
+
+def delta_mm(A, B, X, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm(A, B, X, cdtype)
+    return _fused(A, B, X, None)[0]
+
+
+def delta_mm_t(A, B, Y, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm_t(A, B, Y, cdtype)
+    return _fused(A, B, None, Y)[1]
+
+
+def delta_mm_both(A, B, X, Y, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm_both(A, B, X, Y, cdtype)
+    return _fused(A, B, X, Y)
+
+
+def delta_sqnorm(A, B, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_sqnorm(A, B, cdtype)
+    if _transposed(A, B):  # ‖Δ‖_F = ‖Δᵀ‖_F; stream the contiguous direction
+        A, B = A.t(), None if B is None else B.t()
+    m, n = A.shape
+    total = _C.delta_sqnorm(_DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B), torch.get_num_threads())
+    return torch.tensor(total, dtype=cdtype)
+
+
+def merge_lowrank(W, U, S, V, alpha, out, cdtype):
+    if W.dtype == torch.float64:
+        return _torch_backend.merge_lowrank(W, U, S, V, alpha, out, cdtype)
+    Wk, ok, left, right = W, out, U * (alpha * S), V
+    if _transposed(W, None) and _transposed(out, None):
+        # (W + L Rᵀ)ᵀ = Wᵀ + R Lᵀ: write the transposed problem row by row
+        Wk, ok, left, right = W.t(), out.t(), right * (alpha * S), U
+    m, n = Wk.shape
+    if m and n:
+        LS = left.contiguous()
+        RT = right.t().contiguous()
+        _C.merge_lowrank(_DTYPE_CODE[W.dtype], m, n, *_mat(Wk), ok.data_ptr(), ok.stride(0),
+                         ok.stride(1), LS.data_ptr(), RT.data_ptr(), LS.shape[1],
+                         torch.get_num_threads())
+    return out

@@ -53,3 +53,14 @@ def assert_orthonormal(Q, atol):
     k = Q.shape[1]
     err = (Q.double().T @ Q.double() - torch.eye(k, dtype=torch.float64)).abs().max().item()
     assert err <= atol, f"columns not orthonormal: max |QᵀQ − I| = {err:.2e}"
+
+
+def merge_within_bound(out, ref, W, U, S, V, alpha):
+    """out vs the fp32 reference of W + α·U·diag(S)·Vᵀ: one ulp of the result plus the fp32
+    error of summing the terms in another order (which matters where they cancel)."""
+    k = U.shape[1]
+    diff = (out.double() - ref.double()).abs()
+    ulp = torch.finfo(W.dtype).eps * ref.double().abs()
+    terms = W.double().abs() + abs(alpha) * (U.double().abs() * S.double().abs()) @ V.double().abs().T
+    accum = (k + 1) * compute_eps(W.dtype) * terms
+    return bool((diff <= ulp + accum + torch.finfo(W.dtype).tiny).all())

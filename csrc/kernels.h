@@ -1,0 +1,46 @@
+// The interface between pyrank._C's dispatcher and each SIMD variant of csrc/kernels.cpp.
+//
+// csrc/kernels.cpp is compiled once per variant (scalar, avx2, avx512, avx512bf16), each
+// time with its own -m flags and -DPYRANK_ISA=<name>, and exports one function that fills
+// a KernelTable. The dispatcher picks a table at run time from the CPU's features.
+//
+// Conventions: matrices are (pointer, row stride, column stride) in elements; weights are
+// bf16 / fp16 (as raw uint16) or fp32; every small operand and output is fp32 and
+// row-major contiguous. B may be null (then A alone). Nothing here owns memory.
+#pragma once
+#include <stdint.h>
+
+namespace pyrank {
+
+enum DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+
+struct Mat {
+  const void* p;
+  int64_t s0, s1;  // element strides of rows and columns
+};
+
+struct KernelTable {
+  const char* name;
+  // out_x (m×kx) = Δ·X with X given transposed as XT (kx×n);
+  // out_yT (ky×n) = (Δᵀ·Y)ᵀ with Y (m×ky). Either product may be skipped (k = 0).
+  // One read of A and B serves both. Requires the row-major fast path: A.s1 == B.s1 == 1
+  // is fastest, any other strides are gathered.
+  void (*delta_mm_both)(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
+                        int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
+                        int nthreads);
+  // ‖A − B‖_F², accumulated in double.
+  double (*delta_sqnorm)(int dtype, int64_t m, int64_t n, Mat A, Mat B, int nthreads);
+  // out = round_to_dtype(W + US·VT), US (m×k) = α·U·diag(S), VT (k×n); out may alias W
+  // exactly (same pointer and strides).
+  void (*merge_lowrank)(int dtype, int64_t m, int64_t n, Mat W, void* out, int64_t os0,
+                        int64_t os1, const float* US, const float* VT, int64_t k, int nthreads);
+};
+
+}  // namespace pyrank
+
+extern "C" {
+void pyrank_kernels_scalar(pyrank::KernelTable*);
+void pyrank_kernels_avx2(pyrank::KernelTable*);
+void pyrank_kernels_avx512(pyrank::KernelTable*);
+void pyrank_kernels_avx512bf16(pyrank::KernelTable*);
+}

@@ -1,0 +1,83 @@
+"""The C++ backend specifically: every SIMD variant built here, threads, layouts."""
+import pytest
+import torch
+
+from pyrank import ops
+
+from helpers import DT_ID, make_pair, merge_within_bound
+from test_ops import _check_all, _merge_reference
+
+_C = pytest.importorskip("pyrank._C", reason="pyrank._C not built (PYRANK_SKIP_CPP=1)")
+VARIANTS = _C.isa_variants()
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    before = _C.selected_isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(before)
+
+
+def test_best_variant_selected_and_portable_one_built():
+    assert "scalar" in VARIANTS  # the path every x86-64 (and non-x86) machine can run
+    assert _C.selected_isa() == VARIANTS[-1]
+    with pytest.raises(RuntimeError, match="no kernel variant named"):
+        _C.set_isa("sse1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("shape_k", [(1, 1, 1), (7, 300, 3), (41, 9, 17), (300, 257, 40)],
+                         ids=lambda s: f"m{s[0]}-n{s[1]}-k{s[2]}")
+def test_every_variant_matches_reference(variant, dtype, layout, shape_k):
+    m, n, k = shape_k  # k ≥ 16 reaches the 32-row tile path, odd m its padding rows
+    A, B = make_pair(m, n, dtype, seed=k, layout=layout)
+    _check_all("cpu", A, B, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
+def test_every_variant_merges_like_reference(variant, dtype):
+    g = torch.Generator().manual_seed(1)
+    W = (torch.randn(70, 301, generator=g) * 0.02).to(dtype)
+    U, S, V = torch.randn(70, 5, generator=g), torch.rand(5, generator=g), torch.randn(301, 5, generator=g)
+    out = ops.merge_lowrank(W, U, S, V, 0.003, backend="cpu")
+    ref = _merge_reference(W, U, S, V, 0.003)
+    if dtype != torch.float32:
+        assert (out == ref).double().mean().item() >= 0.99
+    assert merge_within_bound(out, ref, W, U, S, V, 0.003)
+
+
+def test_bf16_merge_special_values(variant):
+    """Denormals round exactly in every variant (vcvtneps2bf16 alone would flush them), and
+    NaN stays NaN (its payload bits are not part of the contract)."""
+    W = torch.tensor([[1e-39, -3e-40, float("nan"), 1.0] * 8], dtype=torch.float32).to(torch.bfloat16)
+    zero = torch.zeros(1, 1), torch.zeros(1), torch.zeros(32, 1)
+    out = ops.merge_lowrank(W, *zero, backend="cpu")
+    ref = _merge_reference(W, *zero, 1.0)
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+def test_threads_do_not_change_results_beyond_rounding():
+    A, B = make_pair(257, 129, torch.bfloat16, seed=2)
+    X, Y = torch.randn(129, 6), torch.randn(257, 6)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.delta_mm_both(A, B, X, Y, backend="cpu")
+        torch.set_num_threads(max(2, old))
+        many = ops.delta_mm_both(A, B, X, Y, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], many[0])  # rows are never split across threads
+    assert torch.allclose(one[1], many[1], rtol=1e-5, atol=1e-5)
+
+
+def test_float64_is_computed_in_float64():
+    A, B = make_pair(20, 30, torch.float64, seed=0)
+    X = torch.randn(30, 2, dtype=torch.float64)
+    out = ops.delta_mm(A, B, X, backend="cpu")
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, (A - B) @ X, rtol=1e-12, atol=1e-12)
