@@ -1,6 +1,77 @@
-"""The Triton backend (pyrank.triton_kernels)."""
+"""The Triton backend: pyrank.triton_kernels on CUDA tensors.
+
+CPU tensors are accepted only under TRITON_INTERPRET=1 (the test suite's way of running
+the kernels without a GPU). float64 weights, and merges of rank above the kernel's limit,
+are computed by the torch reference on the same device.
+"""
 from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _torch_backend
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR = None
+except ImportError as exc:
+    _TRITON_ERROR = str(exc)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason():
-    return "the Triton kernels are not implemented yet"
+    if _TRITON_ERROR is not None:
+        return f"triton is not installed ({_TRITON_ERROR}); pip install 'pyrank[triton]'"
+    if not torch.cuda.is_available() and not _interpret():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+    return None
+
+
+def supports_device(device):
+    return device.type == "cuda" or (device.type == "cpu" and _interpret())
+
+
+def device_hint():
+    return "the triton backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+
+
+def _k():
+    from .triton_kernels import delta, merge  # imports triton: only once the backend is used
+
+    return delta, merge
+
+
+def delta_mm(A, B, X, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm(A, B, X, cdtype)
+    return _k()[0].delta_products(A, B, X, None)[0]
+
+
+def delta_mm_t(A, B, Y, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm_t(A, B, Y, cdtype)
+    return _k()[0].delta_products(A, B, None, Y)[1]
+
+
+def delta_mm_both(A, B, X, Y, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_mm_both(A, B, X, Y, cdtype)
+    return _k()[0].delta_products(A, B, X, Y)
+
+
+def delta_sqnorm(A, B, cdtype):
+    if A.dtype == torch.float64:
+        return _torch_backend.delta_sqnorm(A, B, cdtype)
+    return _k()[0].delta_sqnorm(A, B)
+
+
+def merge_lowrank(W, U, S, V, alpha, out, cdtype):
+    _, merge = _k()
+    if W.dtype == torch.float64 or U.shape[1] > merge.MAX_K:
+        return _torch_backend.merge_lowrank(W, U, S, V, alpha, out, cdtype)
+    return merge.merge_lowrank(W, U * (alpha * S), V, out)

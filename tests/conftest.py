@@ -1,5 +1,15 @@
 import os
 
+# Without a GPU the Triton kernels run in Triton's interpreter. This must be set before
+# triton is imported anywhere.
+if not os.environ.get("TRITON_INTERPRET"):
+    try:
+        import torch as _torch
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

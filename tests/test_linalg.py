@@ -224,3 +224,16 @@ def test_torch_svd_lowrank_compatible():
     assert fit <= fit_t * (1 + 1e-3) + 1e-4 * s[0]
     U1, S1, V1 = pyrank.torch_svd_lowrank(A.double())  # defaults: q=6, M=None
     assert U1.dtype == torch.float64 and S1.shape == (6,)
+
+
+@pytest.mark.parametrize("backend", [b for b, why in pyrank.ops.backend_status().items() if why is None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
+def test_every_backend_end_to_end(backend, dtype):
+    A, B = _pair(67, 45, [1.0, 0.4, 0.2, 0.05, 0.01], dtype, seed=2, layout="transposed")
+    res = pyrank.svd_lowrank(A, 3, base=B, backend=backend)
+    check_result(res, A, B, 3, 1e-4)
+    ref = pyrank.svd_lowrank(A, 3, base=B, backend="torch")
+    assert res.passes == ref.passes
+    assert torch.allclose(res.S, ref.S, rtol=1e-5)
+    warm = pyrank.svd_lowrank(A, 3, base=B, init=res, backend=backend)
+    check_result(warm, A, B, 3, 1e-4)

@@ -1,0 +1,189 @@
+"""(A − B)·X and (A − B)ᵀ·Y in one read of A and B, as Triton kernels.
+
+Layout of this file: configs → kernel → host launcher → public functions.
+
+One kernel serves all three products. The grid is a PM × PN array of programs; program
+(pm, pn) owns a range of rows and a range of columns of A and walks it in BM × BN tiles.
+Each tile of Δ = A − B is formed in fp32 registers (never stored) and feeds
+
+* Δ·X: the program's partial sums over its columns, for its rows → part_x[pn] (BM × KX
+  accumulators stay in registers across the column tiles of a row tile);
+* Δᵀ·Y: partial sums over its rows, for its columns → part_y[pm] (read-modify-write of
+  a slice only this program touches; the buffer is small and stays in L2).
+
+The host sums the PN (resp. PM) partial buffers: a fixed reduction order, so results are
+deterministic (no atomics). Products use ``tl.dot(..., input_precision="ieee")``: fp32
+FMA, because tf32 would give away the accuracy the SVD's stopping test relies on.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# (BM, BN, num_warps). The memory-bound regime wants wide, coalesced column tiles.
+_CONFIGS = [
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 32, "BN": 128}, num_warps=4, num_stages=4),
+]
+_INTERPRET_META = {"BM": 16, "BN": 16}  # the interpreter runs numpy per tile: keep tiles small
+
+MAX_K = 128  # columns of X / Y per launch; wider operands are split into launches
+
+
+@triton.jit
+def _delta_products_kernel(
+    p_a, p_b, p_x, p_y, p_px, p_py,
+    m, n, kx, ky, PM, PN,
+    s_am, s_an, s_bm, s_bn, s_xn, s_xk, s_ym, s_yk,
+    HAS_B: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr,
+    KX: tl.constexpr, KY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    rows_per = tl.cdiv(tl.cdiv(m, PM), BM) * BM
+    cols_per = tl.cdiv(tl.cdiv(n, PN), BN) * BN
+    r_lo = pm * rows_per
+    r_hi = tl.minimum(m, r_lo + rows_per)
+    c_lo = pn * cols_per
+    c_hi = tl.minimum(n, c_lo + cols_per)
+    o_kx = tl.arange(0, KX)
+    o_ky = tl.arange(0, KY)
+    for i0 in range(r_lo, r_hi, BM):
+        o_m = i0 + tl.arange(0, BM)
+        mask_m = o_m < r_hi
+        if HAS_X:
+            b_ax = tl.zeros((BM, KX), dtype=tl.float32)
+        if HAS_Y:
+            b_y = tl.load(p_y + o_m[:, None] * s_ym + o_ky[None, :] * s_yk,
+                          mask=mask_m[:, None] & (o_ky[None, :] < ky), other=0.0)
+        for j0 in range(c_lo, c_hi, BN):
+            o_n = j0 + tl.arange(0, BN)
+            mask_n = o_n < c_hi
+            mask = mask_m[:, None] & mask_n[None, :]
+            b_d = tl.load(p_a + o_m[:, None] * s_am + o_n[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                b_d -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+            if HAS_X:
+                b_x = tl.load(p_x + o_n[:, None] * s_xn + o_kx[None, :] * s_xk,
+                              mask=mask_n[:, None] & (o_kx[None, :] < kx), other=0.0)
+                b_ax += tl.dot(b_d, b_x, input_precision="ieee")
+            if HAS_Y:
+                p_out = p_py + pm * n * KY + o_n[:, None] * KY + o_ky[None, :]
+                part = tl.load(p_out, mask=mask_n[:, None], other=0.0)
+                part += tl.dot(tl.trans(b_d), b_y, input_precision="ieee")
+                tl.store(p_out, part, mask=mask_n[:, None])
+        if HAS_X:
+            tl.store(p_px + pn * m * KX + o_m[:, None] * KX + o_kx[None, :], b_ax, mask=mask_m[:, None])
+
+
+if not INTERPRET:
+    _delta_products_kernel = triton.autotune(
+        configs=_CONFIGS, key=["m", "n", "KX", "KY", "HAS_X", "HAS_Y"],
+        reset_to_zero=["p_py"],  # part_y accumulates: every autotune trial starts from zero
+    )(_delta_products_kernel)
+
+
+def _grid_split(m: int, n: int, has_x: bool, has_y: bool, device: torch.device):
+    """(PM, PN): enough programs to fill the device, partial buffers kept small."""
+    if INTERPRET or device.type != "cuda":
+        target = 4
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    bm, bn = 64, 64  # planning granularity; the kernel rounds ranges to its own tiles
+    tiles_m, tiles_n = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    if has_x and not has_y:  # one program per row range, all columns: no partials over columns
+        return min(tiles_m, target), 1
+    if has_y and not has_x:
+        return 1, min(tiles_n, target)
+    pm = max(1, min(tiles_m, int(round((target * m / max(n, 1)) ** 0.5))))
+    pn = max(1, min(tiles_n, target // pm))
+    return pm, pn
+
+
+def _launch(A, B, X, Y):
+    m, n = A.shape
+    dev = A.device
+    has_x, has_y = X is not None, Y is not None
+    kx = X.shape[1] if has_x else 0
+    ky = Y.shape[1] if has_y else 0
+    KX = max(16, triton.next_power_of_2(kx)) if has_x else 16
+    KY = max(16, triton.next_power_of_2(ky)) if has_y else 16
+    PM, PN = _grid_split(m, n, has_x, has_y, dev)
+    part_x = torch.empty(PN, m, KX, dtype=torch.float32, device=dev) if has_x else None
+    part_y = torch.zeros(PM, n, KY, dtype=torch.float32, device=dev) if has_y else None
+    dummy = A  # any valid pointer for operands the constexpr flags switch off
+    Bp = B if B is not None else dummy
+    Xp = X if has_x else dummy
+    Yp = Y if has_y else dummy
+    meta = dict(_INTERPRET_META) if INTERPRET else {}
+    _delta_products_kernel[(PM, PN)](
+        A, Bp, Xp, Yp, part_x if has_x else dummy, part_y if has_y else dummy,
+        m, n, kx, ky, PM, PN,
+        A.stride(0), A.stride(1), Bp.stride(0), Bp.stride(1),
+        Xp.stride(0), Xp.stride(1), Yp.stride(0), Yp.stride(1),
+        HAS_B=B is not None, HAS_X=has_x, HAS_Y=has_y, KX=KX, KY=KY, **meta,
+    )
+    out_x = part_x.sum(0)[:, :kx] if has_x else None
+    out_y = part_y.sum(0)[:, :ky] if has_y else None
+    return out_x, out_y
+
+
+def delta_products(A: torch.Tensor, B, X, Y):
+    """((A − B)·X, (A − B)ᵀ·Y) in one read of A and B; either of X, Y may be None.
+
+    A, B: (m, n) bf16/fp16/fp32 on one CUDA device (B may be None), any strides.
+    X: (n, kx) fp32; Y: (m, ky) fp32. Returns fp32 (m, kx) and (n, ky) (or None).
+    Operands wider than MAX_K columns are processed MAX_K columns per launch.
+    """
+    kx = X.shape[1] if X is not None else 0
+    ky = Y.shape[1] if Y is not None else 0
+    if max(kx, ky) <= MAX_K:
+        out_x, out_y = _launch(A, B, X, Y)
+    else:
+        xs, ys = [], []
+        for c in range(0, max(kx, ky), MAX_K):
+            xc = X[:, c:c + MAX_K] if X is not None and c < kx else None
+            yc = Y[:, c:c + MAX_K] if Y is not None and c < ky else None
+            ox, oy = _launch(A, B, xc, yc)
+            if ox is not None:
+                xs.append(ox)
+            if oy is not None:
+                ys.append(oy)
+        out_x = torch.cat(xs, 1) if X is not None else None
+        out_y = torch.cat(ys, 1) if Y is not None else None
+    return (None if out_x is None else out_x.contiguous(),
+            None if out_y is None else out_y.contiguous())
+
+
+@triton.jit
+def _sqnorm_kernel(p_a, p_b, p_out, m, n, s_am, s_an, s_bm, s_bn,
+                   HAS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    o_m = pid * BM + tl.arange(0, BM)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for j0 in range(0, n, BN):
+        o_n = j0 + tl.arange(0, BN)
+        mask = (o_m[:, None] < m) & (o_n[None, :] < n)
+        d = tl.load(p_a + o_m[:, None] * s_am + o_n[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            d -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(d * d, axis=1)
+    tl.store(p_out + o_m, acc, mask=o_m < m)
+
+
+def delta_sqnorm(A: torch.Tensor, B) -> torch.Tensor:
+    """‖A − B‖_F² (0-d fp32): per-row fp32 sums, then one float64 sum over rows."""
+    m, n = A.shape
+    rows = torch.empty(m, dtype=torch.float32, device=A.device)
+    Bp = B if B is not None else A
+    BM, BN = (16, 16) if INTERPRET else (8, 512)
+    _sqnorm_kernel[(triton.cdiv(m, BM),)](A, Bp, rows, m, n, A.stride(0), A.stride(1),
+                                          Bp.stride(0), Bp.stride(1), HAS_B=B is not None, BM=BM, BN=BN)
+    return rows.double().sum().float()
