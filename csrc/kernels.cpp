@@ -313,6 +313,53 @@ static void merge_lowrank(int dtype, int64_t m, int64_t n, Mat W, void* out, int
   }
 }
 
+// ---------------------------------------------------------------- Gram matrix of deltas
+
+template <int DT>
+static void gram_impl(int64_t m, int64_t n, const Mat* As, int64_t T, Mat B, double* G,
+                      int nthreads) {
+  const int64_t TT = T * T;
+  memset(G, 0, sizeof(double) * TT);
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+  {
+    float* d = (float*)malloc(sizeof(float) * T * J);  // the T deltas of one row chunk
+    double* g = (double*)calloc(TT, sizeof(double));   // this thread's partial Gram matrix
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j0 = 0; j0 < n; j0 += J) {
+        const int64_t len = imin(J, n - j0);
+        for (int64_t t = 0; t < T; ++t) load_delta<DT>(As[t], B, i, j0, len, d + t * J);
+        for (int64_t a = 0; a < T; ++a) {
+          const float* __restrict da = d + a * J;
+          for (int64_t b = a; b < T; ++b) {
+            const float* __restrict db = d + b * J;
+            float s = 0;  // fp32 within a chunk of ≤ 256, double across chunks
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < len; ++j) s += da[j] * db[j];
+            g[a * T + b] += s;
+          }
+        }
+      }
+    }
+#pragma omp critical
+    for (int64_t a = 0; a < T; ++a)
+      for (int64_t b = a; b < T; ++b) G[a * T + b] += g[a * T + b];
+    free(d);
+    free(g);
+  }
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = 0; b < a; ++b) G[a * T + b] = G[b * T + a];
+}
+
+static void delta_gram(int dtype, int64_t m, int64_t n, const Mat* As, int64_t T, Mat B, double* G,
+                       int nthreads) {
+  switch (dtype) {
+    case kBF16: return gram_impl<kBF16>(m, n, As, T, B, G, nthreads);
+    case kF16: return gram_impl<kF16>(m, n, As, T, B, G, nthreads);
+    default: return gram_impl<kF32>(m, n, As, T, B, G, nthreads);
+  }
+}
+
 }  // namespace PYRANK_ISA
 }  // namespace pyrank
 
@@ -321,4 +368,5 @@ extern "C" void PR_CAT(pyrank_kernels_, PYRANK_ISA)(pyrank::KernelTable* t) {
   t->delta_mm_both = &pyrank::PYRANK_ISA::delta_mm_both;
   t->delta_sqnorm = &pyrank::PYRANK_ISA::delta_sqnorm;
   t->merge_lowrank = &pyrank::PYRANK_ISA::merge_lowrank;
+  t->delta_gram = &pyrank::PYRANK_ISA::delta_gram;
 }

@@ -34,6 +34,9 @@ struct KernelTable {
   // exactly (same pointer and strides).
   void (*merge_lowrank)(int dtype, int64_t m, int64_t n, Mat W, void* out, int64_t os0,
                         int64_t os1, const float* US, const float* VT, int64_t k, int nthreads);
+  // G (T×T, row-major, double) = ⟨A_i − B, A_j − B⟩; one read of every A_i and of B.
+  void (*delta_gram)(int dtype, int64_t m, int64_t n, const Mat* As, int64_t T, Mat B,
+                     double* G, int nthreads);
 };
 
 }  // namespace pyrank

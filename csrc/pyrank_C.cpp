@@ -128,4 +128,16 @@ PYBIND11_MODULE(_C, m) {
                               reinterpret_cast<const float*>(vt), k, nthreads);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "delta_gram",
+      [](int dtype, int64_t rows, int64_t cols, std::vector<uintptr_t> ptrs, std::vector<int64_t> s0,
+         std::vector<int64_t> s1, uintptr_t b, int64_t bs0, int64_t bs1, uintptr_t g, int nthreads) {
+        if (ptrs.size() != s0.size() || ptrs.size() != s1.size())
+          throw std::invalid_argument("delta_gram: pointer and stride lists differ in length");
+        std::vector<Mat> mats;
+        for (size_t i = 0; i < ptrs.size(); ++i) mats.push_back(mat(ptrs[i], s0[i], s1[i]));
+        py::gil_scoped_release release;
+        g_table.delta_gram(dtype, rows, cols, mats.data(), (int64_t)mats.size(), mat(b, bs0, bs1),
+                           reinterpret_cast<double*>(g), nthreads);
+      });
 }

@@ -8,8 +8,10 @@ weights; a randomized, warm-startable top-k SVD runs on them.
     nxt = pyrank.svd_lowrank(W_t2, k=1, base=W_0, init=res)  # warm start
 """
 from . import ops
+from .extrapolate import Prediction, rank_k_reconstruction, temporal_extrapolate
 from .linalg import LowRankSVD, default_oversample, svd_lowrank, torch_svd_lowrank
 from .ops import BackendUnavailable
+from .track import Rank1Tracker
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,9 @@ __all__ = [
     "torch_svd_lowrank",
     "default_oversample",
     "BackendUnavailable",
+    "Rank1Tracker",
+    "Prediction",
+    "rank_k_reconstruction",
+    "temporal_extrapolate",
     "__version__",
 ]

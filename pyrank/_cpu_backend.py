@@ -123,3 +123,15 @@ def merge_lowrank(W, U, S, V, alpha, out, cdtype):
                          ok.stride(1), LS.data_ptr(), RT.data_ptr(), LS.shape[1],
                          torch.get_num_threads())
     return out
+
+
+def delta_gram(As, B, cdtype):
+    if As[0].dtype == torch.float64:
+        return _torch_backend.delta_gram(As, B, cdtype)
+    m, n = As[0].shape
+    G = torch.zeros(len(As), len(As), dtype=torch.float64)
+    if m and n:
+        mats = [_mat(A) for A in As]
+        _C.delta_gram(_DTYPE_CODE[As[0].dtype], m, n, [p for p, _, _ in mats], [s0 for _, s0, _ in mats],
+                      [s1 for _, _, s1 in mats], *_mat(B), G.data_ptr(), torch.get_num_threads())
+    return G

@@ -73,3 +73,15 @@ def merge_lowrank(W, U, S, V, alpha, out, cdtype):
         blk.addmm_(US[i:j], V.t())
         out[i:j] = blk.to(W.dtype)  # the one rounding to W's dtype
     return out
+
+
+def delta_gram(As, B, cdtype):
+    m, n = As[0].shape
+    T = len(As)
+    G = torch.zeros(T, T, dtype=torch.float64, device=As[0].device)
+    rows = max(1, _CHUNK_ELEMS // max(T * n, 1))  # T deltas of a row block at a time
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        D = torch.stack([_delta(A, B, i, j, cdtype).reshape(-1) for A in As])
+        G += (D @ D.T).double()
+    return G

@@ -75,3 +75,9 @@ def merge_lowrank(W, U, S, V, alpha, out, cdtype):
     if W.dtype == torch.float64 or U.shape[1] > merge.MAX_K:
         return _torch_backend.merge_lowrank(W, U, S, V, alpha, out, cdtype)
     return merge.merge_lowrank(W, U * (alpha * S), V, out)
+
+
+def delta_gram(As, B, cdtype):
+    if As[0].dtype == torch.float64:
+        return _torch_backend.delta_gram(As, B, cdtype)
+    return _k()[0].delta_gram(As, B)

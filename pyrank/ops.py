@@ -10,6 +10,7 @@ tensors it may trust:
 * ``delta_sqnorm(A, B)``       = ‖A − B‖_F²                            0-d tensor
 * ``merge_lowrank(W, U, S, V, alpha, out)`` = W + α·U·diag(S)·Vᵀ, fp32 math, one
   rounding to W's dtype
+* ``delta_gram(As, B)``        = G_ij = ⟨A_i − B, A_j − B⟩ for a list of weights   T×T
 
 A and B are 2-D weights of one shape, dtype (bfloat16, float16, float32 or float64)
 and device, with any strides; B may be None (then A alone). The small operands
@@ -41,6 +42,7 @@ __all__ = [
     "delta_mm_both",
     "delta_sqnorm",
     "merge_lowrank",
+    "delta_gram",
 ]
 
 BACKENDS = ("torch", "cpu", "triton")
@@ -229,6 +231,23 @@ def merge_lowrank(
             raise ValueError("out overlaps W without being W itself; pass out=W for in place")
     _, be = resolve_backend(backend, W.device)
     return be.merge_lowrank(W, U, S, V, float(alpha), out, compute_dtype(W.dtype))
+
+
+def delta_gram(As, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+    """Gram matrix of deltas: G[i, j] = ⟨As[i] − B, As[j] − B⟩ (Frobenius inner products).
+
+    As: a sequence of T weights, each of B's shape, dtype and device. Returns a (T, T)
+    float64 tensor on that device; products in the compute dtype, sums in float64.
+    """
+    As = list(As)
+    if not As:
+        raise ValueError("delta_gram needs at least one weight")
+    ref, ref_name = (B, "B") if B is not None else (As[0], "As[0]")
+    check_weights(ref, None, names=(ref_name, None))
+    for i, A in enumerate(As):
+        check_weights(ref, A, names=(ref_name, f"As[{i}]"))
+    _, be = resolve_backend(backend, As[0].device)
+    return be.delta_gram(As, B, compute_dtype(As[0].dtype))
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:

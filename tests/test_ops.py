@@ -139,3 +139,21 @@ def test_unavailable_backend_says_why(monkeypatch):
         ops.delta_sqnorm(torch.ones(2, 2), backend="cpu")
     # auto falls back to the torch reference instead of failing
     assert ops.resolve_backend("auto", torch.device("cpu"))[0] in ("torch", "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_delta_gram(backend, dtype, with_base):
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(37, 53, generator=g).to(dtype) if with_base else None
+    As = [torch.randn(37, 53, generator=g).to(dtype) for _ in range(4)]
+    As[2] = As[2].t().contiguous().t()  # a column-major one among them
+    G = ops.delta_gram(As, B, backend=backend)
+    D = torch.stack([exact_delta(A, B).reshape(-1) for A in As])
+    ref = D @ D.T
+    assert G.dtype == torch.float64 and G.shape == (4, 4)
+    assert torch.allclose(G, ref, rtol=50 * compute_eps(dtype), atol=0)
+    assert torch.equal(G, G.T)
+    with pytest.raises(ValueError, match=r"As\[1\] has shape"):
+        ops.delta_gram([As[0], torch.zeros(2, 2, dtype=dtype)], B, backend=backend)

@@ -1,0 +1,345 @@
+"""Streaming rank-k tracking of weight updates across checkpoints (METHODS.md §1).
+
+``Rank1Tracker.observe(step, weights, base)`` computes, per module, the top-k SVD of
+ΔW = W_step − W_base with :func:`pyrank.svd_lowrank`, warm-started from the module's
+previous observation, and records σ, u, v and ‖ΔW‖_F. Everything derived — sign
+alignment, drift angles, energy fractions, linearity R², AlphaRL fits and predictions —
+is computed from the stored raw results when asked for, so checkpoints may arrive in any
+order and a tracker saved and loaded mid-run continues exactly.
+
+Sign alignment (METHODS.md §1): walking the checkpoints from the last to the first,
+(u_i, v_i) at step t is flipped when cos(û_i(t), û_i(t+1)) < 0, with û_i = σ_i·u_i; the
+last checkpoint keeps the SVD's own sign convention (its largest-magnitude u entry is
+positive). Components are aligned by index; two components whose σ cross may swap.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .extrapolate import PLS1, Factors, Prediction, _atomic_dir, _read_json, _write_json, line_fit, r2_in_step
+from .linalg import LowRankSVD, svd_lowrank
+
+__all__ = ["Rank1Tracker", "Observation"]
+
+_FORMAT = "pyrank.Rank1Tracker/1"
+
+
+@dataclass
+class Observation:
+    """One module at one step: the raw SVD result (CPU, float32) and ‖ΔW‖_F."""
+
+    S: Tensor  # (k,)
+    U: Tensor  # (m, k)
+    V: Tensor  # (n, k)
+    fro: float
+    passes: int
+    residual: Tensor  # (k,)
+    converged: bool
+
+
+class Rank1Tracker:
+    """Track the top-k singular triplets of every module's update over checkpoints.
+
+    Args:
+        k: triplets per module (1 for AlphaRL's rank-1 analysis; k > 1 tracks the top-k
+            subspace).
+        tol: the SVD's residual tolerance (see :func:`pyrank.svd_lowrank`).
+        backend: primitives backend ("auto", "torch", "cpu", "triton").
+        seed: the SVD's seed for cold starts.
+    """
+
+    def __init__(self, k: int = 1, tol: float = 1e-4, backend: str = "auto", seed: int = 0):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        self.k, self.tol, self.backend, self.seed = k, float(tol), backend, int(seed)
+        self._obs: Dict[str, Dict[float, Observation]] = {}
+        self._metrics: Dict[float, float] = {}
+        self._shapes: Dict[str, Tuple[int, int]] = {}
+        self._warm: Dict[str, Tuple[Tensor, Tensor]] = {}  # oversampled bases of the last result
+
+    # ------------------------------------------------------------ observing
+
+    def observe(self, step, weights: Mapping, base: Mapping, metric: Optional[float] = None,
+                *, modules: Optional[Sequence[str]] = None) -> Dict[str, Observation]:
+        """Analyze one checkpoint.
+
+        Args:
+            step: the checkpoint's training step (int or float; observing a step again
+                replaces it).
+            weights, base: mappings from module name to 2-D tensor (state dicts, or lazy
+                mappings that load one tensor per access). Modules are the 2-D tensors
+                present in both (or ``modules``, if given); each is read once.
+            metric: the checkpoint's evaluation metric, for AlphaRL's PLS fit.
+        Returns the new observations by module.
+        """
+        step = _step(step)
+        names = list(modules) if modules is not None else [n for n in weights if n in base]
+        out = {}
+        for name in names:
+            if name not in weights or name not in base:
+                raise KeyError(f"module {name!r} is missing from the "
+                               f"{'checkpoint' if name not in weights else 'base'} (step {step:g})")
+            W, W0 = weights[name], base[name]
+            if modules is None and (W.dim() != 2 or not W.is_floating_point()):
+                continue
+            if W.shape != W0.shape or W.dtype != W0.dtype:
+                raise ValueError(f"module {name!r} at step {step:g} has shape {tuple(W.shape)} "
+                                 f"{W.dtype} but the base has {tuple(W0.shape)} {W0.dtype}")
+            prev_shape = self._shapes.get(name)
+            if prev_shape is not None and prev_shape != tuple(W.shape):
+                raise ValueError(f"module {name!r} changed shape: {prev_shape} before, {tuple(W.shape)} "
+                                 f"at step {step:g}")
+            try:
+                res = svd_lowrank(W, self.k, base=W0, init=self._warm.get(name), tol=self.tol,
+                                  backend=self.backend, seed=self.seed)
+                fro = math.sqrt(max(0.0, float(ops.delta_sqnorm(W, W0, backend=self.backend))))
+            except ValueError as exc:
+                raise ValueError(f"module {name!r} at step {step:g}: {exc}") from None
+            ob = Observation(res.S.float().cpu(), res.U.float().cpu(), res.V.float().cpu(), fro,
+                             res.passes, res.residual.float().cpu(), res.converged)
+            self._obs.setdefault(name, {})[step] = ob
+            self._shapes[name] = tuple(W.shape)
+            self._warm[name] = tuple(t.float().cpu() for t in res.basis)
+            out[name] = ob
+        if metric is not None:
+            self._metrics[step] = float(metric)
+        return out
+
+    def set_metric(self, step, value: float) -> None:
+        """Attach (or replace) the evaluation metric of an observed step."""
+        self._metrics[_step(step)] = float(value)
+
+    # ------------------------------------------------------------ reading
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self._obs)
+
+    def steps(self, module: str) -> List[float]:
+        return sorted(self._module(module))
+
+    def _module(self, module):
+        if module not in self._obs:
+            raise KeyError(f"no observations of module {module!r}")
+        return self._obs[module]
+
+    def history(self, module: str) -> dict:
+        """The module's trajectory, sorted by step and sign-aligned.
+
+        Keys: ``steps`` (T), ``sigma`` (T×k), ``u_hat`` (T×m, σ₁·u₁), ``u`` (T×m×k),
+        ``v`` (T×n×k), ``fro`` (T), ``energy`` (T, σ₁²/‖ΔW‖_F²), ``drift_u`` and
+        ``drift_v`` (T, radians between u₁ (v₁) and the previous step's; NaN at the
+        first), ``flipped`` (T×k, whether alignment flipped the raw vectors), ``passes``,
+        ``residual``, ``metric`` (T, NaN where unknown).
+        """
+        obs = self._module(module)
+        steps = sorted(obs)
+        U = torch.stack([obs[s].U for s in steps])  # T×m×k
+        V = torch.stack([obs[s].V for s in steps])
+        S = torch.stack([obs[s].S for s in steps])  # T×k
+        flipped = torch.zeros(S.shape, dtype=torch.bool)
+        for t in range(len(steps) - 2, -1, -1):  # last to first, as METHODS.md §1
+            cos = ((U[t] * S[t]) * (U[t + 1] * S[t + 1])).sum(0)
+            flip = cos < 0
+            flipped[t] = flip
+            sign = torch.where(flip, -1.0, 1.0)
+            U[t] *= sign
+            V[t] *= sign
+        fro = torch.tensor([obs[s].fro for s in steps], dtype=torch.float64)
+        s1 = S[:, 0].double()
+        energy = torch.where(fro > 0, s1**2 / fro.clamp_min(1e-300) ** 2, torch.zeros_like(fro))
+        return {
+            "steps": steps,
+            "sigma": S,
+            "u_hat": U[:, :, 0] * S[:, :1],
+            "u": U,
+            "v": V,
+            "fro": fro,
+            "energy": energy,
+            "drift_u": _drift(U[:, :, 0]),
+            "drift_v": _drift(V[:, :, 0]),
+            "flipped": flipped,
+            "passes": [obs[s].passes for s in steps],
+            "residual": torch.stack([obs[s].residual for s in steps]),
+            "metric": torch.tensor([self._metrics.get(s, float("nan")) for s in steps], dtype=torch.float64),
+        }
+
+    def r2_step(self, module: str) -> float:
+        """R² of û(t) fitted linearly in the step (NaN with < 3 checkpoints)."""
+        h = self.history(module)
+        return r2_in_step(h["steps"], h["u_hat"])
+
+    def r2_metric(self, module: str) -> float:
+        """AlphaRL's R²: one-component PLS of the metric on û(t), OLS on the score, in sample.
+        NaN when fewer than 3 observed steps have a metric."""
+        h = self.history(module)
+        keep = ~torch.isnan(h["metric"])
+        if int(keep.sum()) < 3:
+            return float("nan")
+        return PLS1(h["u_hat"][keep], h["metric"][keep].tolist()).r2
+
+    def summary(self) -> List[dict]:
+        """One row per module: shape, checkpoints, last σ₁ and energy fraction, mean drift,
+        R² in step and vs metric, total passes."""
+        rows = []
+        for name in self._obs:
+            h = self.history(name)
+            drift = h["drift_u"][1:]
+            rows.append({
+                "module": name,
+                "shape": self._shapes[name],
+                "checkpoints": len(h["steps"]),
+                "last_step": h["steps"][-1],
+                "sigma1": float(h["sigma"][-1, 0]),
+                "fro": float(h["fro"][-1]),
+                "energy": float(h["energy"][-1]),
+                "mean_drift_u": float(drift.mean()) if drift.numel() else float("nan"),
+                "r2_step": self.r2_step(name),
+                "r2_metric": self.r2_metric(name),
+                "passes": int(sum(h["passes"])),
+            })
+        return rows
+
+    # ------------------------------------------------------------ AlphaRL
+
+    def extrapolate(self, *, to_step=None, target_metric=None, window=None, base: str = "last",
+                    scale: float = 1.0, modules: Optional[Sequence[str]] = None) -> Prediction:
+        """Predict each module's rank-1 update (METHODS.md §1, AlphaRL).
+
+        Exactly one of:
+            to_step: fit û(t) by a least-squares line in the step over the window and
+                evaluate it at ``to_step`` (metric-free);
+            target_metric: fit AlphaRL's PLS model of the metric on û(t) over the window
+                and invert it at y* = ``target_metric``.
+        window: (first_step, last_step), inclusive; None = every observed step. It must
+            hold ≥ 3 checkpoints (with metrics, for ``target_metric``).
+        base: "initial" → W = W₀ + λ·û*·v₁ᵀ; "last" → W = W_k + λ·(û*·v₁ᵀ − û(k)·v₁(k)ᵀ),
+            where k is the last window checkpoint and v₁ its aligned right vector.
+        scale: λ.
+        Returns a :class:`Prediction`; ``applies_to`` names the weights it must be applied
+        to ("initial", or "step k").
+        """
+        if (to_step is None) == (target_metric is None):
+            raise ValueError("give exactly one of to_step= or target_metric=")
+        if base not in ("initial", "last"):
+            raise ValueError(f"base must be 'initial' or 'last', got {base!r}")
+        names = list(modules) if modules is not None else self.modules
+        if not names:
+            raise ValueError("nothing to extrapolate: no module has been observed")
+        factors, last_steps = {}, set()
+        for name in names:
+            h = self.history(name)
+            idx = [i for i, s in enumerate(h["steps"])
+                   if window is None or (window[0] <= s <= window[1])]
+            if target_metric is not None:
+                idx = [i for i in idx if not math.isnan(float(h["metric"][i]))]
+            if len(idx) < 3:
+                what = "checkpoints with a metric" if target_metric is not None else "checkpoints"
+                raise ValueError(f"module {name!r}: the window {window} holds {len(idx)} {what}; "
+                                 "AlphaRL needs at least 3")
+            steps = [h["steps"][i] for i in idx]
+            X = h["u_hat"][idx].double()
+            if target_metric is not None:
+                u_star = PLS1(X, h["metric"][idx].tolist()).invert(target_metric)
+            else:
+                a, b = line_fit(steps, X)
+                u_star = a + b * float(to_step)
+            k_last = idx[-1]
+            v1 = h["v"][k_last, :, 0].double()
+            if base == "initial":
+                u_pred = u_star
+            else:
+                u_pred = u_star - h["u_hat"][k_last].double()
+            factors[name] = Factors(u_pred.float()[:, None], torch.ones(1), v1.float()[:, None], float(scale))
+            last_steps.add(h["steps"][k_last])
+        if base == "last" and len(last_steps) != 1:
+            raise ValueError(f"modules end their windows at different steps {sorted(last_steps)}: "
+                             "base='last' needs one checkpoint to apply the prediction to")
+        applies_to = "initial" if base == "initial" else f"step {_fmt(last_steps.pop())}"
+        info = {"mode": "metric" if target_metric is not None else "step",
+                "to_step": to_step, "target_metric": target_metric, "window": list(window) if window else None,
+                "base": base, "scale": scale, "k": self.k}
+        return Prediction(factors, applies_to, info)
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, path: str) -> None:
+        """Write the tracker to directory ``path`` (tracker.json + vectors.safetensors, no
+        pickle), atomically. :meth:`load` resumes it exactly, warm starts included."""
+        from safetensors.torch import save_file
+
+        tensors, meta_obs = {}, {}
+        for name, per in self._obs.items():
+            meta_obs[name] = {}
+            for step, ob in per.items():
+                key = f"{name}::{_fmt(step)}"
+                tensors[key + "::S"], tensors[key + "::U"] = ob.S.contiguous(), ob.U.contiguous()
+                tensors[key + "::V"], tensors[key + "::res"] = ob.V.contiguous(), ob.residual.contiguous()
+                meta_obs[name][_fmt(step)] = {"fro": ob.fro, "passes": ob.passes, "converged": ob.converged}
+            wu, wv = self._warm[name]
+            tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"] = wu.contiguous(), wv.contiguous()
+        meta = {"format": _FORMAT, "k": self.k, "tol": self.tol, "backend": self.backend, "seed": self.seed,
+                "shapes": {n: list(s) for n, s in self._shapes.items()},
+                "metrics": {_fmt(s): v for s, v in self._metrics.items()}, "observations": meta_obs}
+
+        def fill(d):
+            save_file(tensors, os.path.join(d, "vectors.safetensors"))
+            _write_json(os.path.join(d, "tracker.json"), meta)
+
+        _atomic_dir(path, fill)
+
+    @classmethod
+    def load(cls, path: str) -> "Rank1Tracker":
+        from safetensors.torch import load_file
+
+        meta_path = os.path.join(path, "tracker.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path}: not a saved Rank1Tracker (no tracker.json)")
+        meta = _read_json(meta_path)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
+        tensors = load_file(os.path.join(path, "vectors.safetensors"))
+        tr = cls(k=meta["k"], tol=meta["tol"], backend=meta["backend"], seed=meta["seed"])
+        tr._shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        tr._metrics = {float(s): v for s, v in meta["metrics"].items()}
+        for name, per in meta["observations"].items():
+            tr._obs[name] = {}
+            for step, d in per.items():
+                key = f"{name}::{step}"
+                tr._obs[name][float(step)] = Observation(
+                    tensors[key + "::S"], tensors[key + "::U"], tensors[key + "::V"], d["fro"], d["passes"],
+                    tensors[key + "::res"], d["converged"])
+            tr._warm[name] = (tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"])
+        return tr
+
+
+def _step(step) -> float:
+    try:
+        s = float(step)
+    except (TypeError, ValueError):
+        raise TypeError(f"step must be a number, got {step!r}") from None
+    if not math.isfinite(s):
+        raise ValueError(f"step must be finite, got {step!r}")
+    return s
+
+
+def _fmt(step: float) -> str:
+    return str(int(step)) if float(step).is_integer() else repr(float(step))
+
+
+def _drift(X: Tensor) -> Tensor:
+    """Angle (radians) between consecutive rows' directions; NaN for the first row."""
+    out = torch.full((X.shape[0],), float("nan"), dtype=torch.float64)
+    if X.shape[0] > 1:
+        a, b = X[:-1].double(), X[1:].double()
+        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+        out[1:] = torch.arccos(cos.abs().clamp(max=1.0))
+    return out
