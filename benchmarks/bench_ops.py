@@ -18,9 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, write_csv  # noqa: E402
+from common import emit, machine, markdown_table  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sync(dev):
@@ -100,12 +99,7 @@ def main():
             ("GB/s", "gbps", "{:.1f}"), ("of copy BW", "frac_bw", "{:.0%}"), ("× ideal", "x_ideal", "{:.2f}")]
     text = (f"Machine: {machine()}\n\n{args.shape} {args.dtype} pair; copy bandwidth {bw / 1e9:.1f} GB/s "
             f"(read + write, 256 MiB); median of {args.repeats}.\n\n{markdown_table(rows, cols)}\n")
-    print(text)
-    if not args.no_write:
-        write_csv(os.path.join(HERE, "out", "bench_ops.csv"), rows)
-        with open(os.path.join(HERE, "bench_ops.md"), "w") as f:
-            f.write(text)
-
+    emit("bench_ops", rows, text, not args.no_write)
 
 if __name__ == "__main__":
     main()

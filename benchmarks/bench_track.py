@@ -28,9 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, peak_rss_mb, write_csv  # noqa: E402
+from common import emit, machine, markdown_table, peak_rss_mb  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
@@ -92,12 +91,7 @@ def main():
     text = (f"Machine: {machine()}\n\n{args.modules} modules × {args.steps} checkpoints of {args.shape} bf16 "
             f"(rl_like_series, ~1e-3 rad drift per checkpoint); peak RSS {peak_rss_mb():.0f} MB.\n\n"
             f"{markdown_table(rows, cols)}\n\n{acc}\n")
-    print(text)
-    if not args.no_write:
-        write_csv(os.path.join(HERE, "out", "bench_track.csv"), rows)
-        with open(os.path.join(HERE, "bench_track.md"), "w") as f:
-            f.write(text)
-
+    emit("bench_track", rows, text, not args.no_write)
 
 if __name__ == "__main__":
     main()

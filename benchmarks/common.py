@@ -39,8 +39,35 @@ def timed(fn, repeats: int = 3, warmup: int = 1):
     return statistics.median(times), out
 
 
+def _status_mb(field: str):
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory since the start (or since :func:`reset_peak_rss`), MB."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    cur = _status_mb("VmRSS")
+    return cur if cur is not None else peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from the current RSS (Linux: clear_refs 5). False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def git_rev() -> str:
@@ -75,3 +102,13 @@ def markdown_table(rows: list, cols: list) -> str:
             cells.append(fmt.format(v) if (v != "" and v is not None) else "–")
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep] + body)
+
+
+def emit(name: str, rows: list, text: str, write: bool) -> None:
+    """Print the report; unless told not to, save benchmarks/<name>.md and out/<name>.csv."""
+    print(text)
+    if write:
+        here = os.path.dirname(os.path.abspath(__file__))
+        write_csv(os.path.join(here, "out", f"{name}.csv"), rows)
+        with open(os.path.join(here, f"{name}.md"), "w") as f:
+            f.write(text)

@@ -163,35 +163,9 @@ def delta_products(A: torch.Tensor, B, X, Y):
 
 
 @triton.jit
-def _sqnorm_kernel(p_a, p_b, p_out, m, n, s_am, s_an, s_bm, s_bn,
-                   HAS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pid = tl.program_id(0)
-    o_m = pid * BM + tl.arange(0, BM)
-    acc = tl.zeros((BM,), dtype=tl.float32)
-    for j0 in range(0, n, BN):
-        o_n = j0 + tl.arange(0, BN)
-        mask = (o_m[:, None] < m) & (o_n[None, :] < n)
-        d = tl.load(p_a + o_m[:, None] * s_am + o_n[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            d -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(d * d, axis=1)
-    tl.store(p_out + o_m, acc, mask=o_m < m)
-
-
-def delta_sqnorm(A: torch.Tensor, B) -> torch.Tensor:
-    """‖A − B‖_F² (0-d fp32): per-row fp32 sums, then one float64 sum over rows."""
-    m, n = A.shape
-    rows = torch.empty(m, dtype=torch.float32, device=A.device)
-    Bp = B if B is not None else A
-    BM, BN = (16, 16) if INTERPRET else (8, 512)
-    _sqnorm_kernel[(triton.cdiv(m, BM),)](A, Bp, rows, m, n, A.stride(0), A.stride(1),
-                                          Bp.stride(0), Bp.stride(1), HAS_B=B is not None, BM=BM, BN=BN)
-    return rows.double().sum().float()
-
-
-@triton.jit
 def _pair_dot_kernel(p_a, p_c, p_b, p_out, m, n, s_am, s_an, s_cm, s_cn, s_bm, s_bn,
-                     HAS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     HAS_B: tl.constexpr, SAME: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Per-row ⟨A − B, C − B⟩; SAME: C is A (‖A − B‖², read once)."""
     pid = tl.program_id(0)
     o_m = pid * BM + tl.arange(0, BM)
     acc = tl.zeros((BM,), dtype=tl.float32)
@@ -199,13 +173,33 @@ def _pair_dot_kernel(p_a, p_c, p_b, p_out, m, n, s_am, s_an, s_cm, s_cn, s_bm, s
         o_n = j0 + tl.arange(0, BN)
         mask = (o_m[:, None] < m) & (o_n[None, :] < n)
         da = tl.load(p_a + o_m[:, None] * s_am + o_n[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
-        dc = tl.load(p_c + o_m[:, None] * s_cm + o_n[None, :] * s_cn, mask=mask, other=0.0).to(tl.float32)
         if HAS_B:
-            b = tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
-            da -= b
-            dc -= b
+            da -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+        if SAME:
+            dc = da
+        else:
+            dc = tl.load(p_c + o_m[:, None] * s_cm + o_n[None, :] * s_cn, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                dc -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(da * dc, axis=1)
     tl.store(p_out + o_m, acc, mask=o_m < m)
+
+
+def _pair_dot(A, C, B) -> torch.Tensor:
+    """⟨A − B, C − B⟩ as a float64 0-d tensor: per-row fp32 sums, one float64 sum over rows."""
+    m, n = A.shape
+    rows = torch.empty(m, dtype=torch.float32, device=A.device)
+    Bp = B if B is not None else A
+    BM, BN = (16, 16) if INTERPRET else (8, 512)
+    _pair_dot_kernel[(triton.cdiv(m, BM),)](A, C, Bp, rows, m, n, A.stride(0), A.stride(1),
+                                            C.stride(0), C.stride(1), Bp.stride(0), Bp.stride(1),
+                                            HAS_B=B is not None, SAME=C is A, BM=BM, BN=BN)
+    return rows.double().sum()
+
+
+def delta_sqnorm(A: torch.Tensor, B) -> torch.Tensor:
+    """‖A − B‖_F² as a 0-d fp32 tensor."""
+    return _pair_dot(A, A, B).float()
 
 
 def delta_gram(As, B) -> torch.Tensor:
@@ -215,17 +209,9 @@ def delta_gram(As, B) -> torch.Tensor:
     the T + 1 of a fused kernel (the C++ backend's). Fine for the handful of checkpoints of
     a temporal fit; a fused multi-pointer kernel is future work.
     """
-    m, n = As[0].shape
     T = len(As)
     G = torch.zeros(T, T, dtype=torch.float64, device=As[0].device)
-    rows = torch.empty(m, dtype=torch.float32, device=As[0].device)
-    Bp = B if B is not None else As[0]
-    BM, BN = (16, 16) if INTERPRET else (8, 512)
     for i in range(T):
         for j in range(i, T):
-            A, C = As[i], As[j]
-            _pair_dot_kernel[(triton.cdiv(m, BM),)](A, C, Bp, rows, m, n, A.stride(0), A.stride(1),
-                                                    C.stride(0), C.stride(1), Bp.stride(0), Bp.stride(1),
-                                                    HAS_B=B is not None, BM=BM, BN=BN)
-            G[i, j] = G[j, i] = rows.double().sum()
+            G[i, j] = G[j, i] = _pair_dot(As[i], As[j], B)
     return G

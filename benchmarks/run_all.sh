@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every benchmark, one after the other (they must not share the machine), ~20 min on 2 cores.
+# Each writes benchmarks/<name>.md and benchmarks/out/<name>.csv; RESULTS.md quotes them.
+set -euo pipefail
+cd "$(dirname "$0")"
+python bench_ops.py
+python bench_svd.py --backends cpu,torch
+python bench_track.py
