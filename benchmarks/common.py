@@ -82,7 +82,9 @@ def write_csv(path: str, rows: list) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = {"machine": machine(), "git": git_rev(), "timestamp": stamp}
-    keys = list(meta) + [k for k in rows[0] if k not in meta]
+    keys = list(meta)
+    for r in rows:  # rows may carry different columns (e.g. ratios only on some)
+        keys += [k for k in r if k not in keys]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

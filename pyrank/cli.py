@@ -1,25 +1,484 @@
-"""The ``pyrank`` command (also ``python -m pyrank``)."""
+"""The ``pyrank`` command (also ``python -m pyrank``).
+
+Bad input ends with one line, ``pyrank: error: …`` naming the file or tensor, exit status 2,
+no traceback (``--debug`` shows it), and nothing written.
+"""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
 import sys
+
+EXAMPLES = {
+    "analyze": """examples:
+  pyrank analyze base_model/ run/checkpoint-100 run/checkpoint-200 run/checkpoint-300 --out report/
+  pyrank analyze base_model/ --run-dir run/ --metrics acc.csv --k 4 --out report/
+  pyrank analyze base_model/ --run-dir verl_run/ --include 'lm_head' --exclude 'layers\\.0\\.' --out r/""",
+    "extrapolate": """examples:
+  pyrank extrapolate base/ run/checkpoint-{100,200,300,400} --to-step 1000 --out predicted/
+  pyrank extrapolate base/ --run-dir run/ --window 0:400 --metrics acc.csv --target-metric 0.55 --out p/
+  pyrank extrapolate base/ --run-dir run/ --window 0:400 --to-step 1000 --base initial --scale 0.7 --out p/""",
+    "reconstruct": """examples:
+  pyrank reconstruct base/ run/checkpoint-1000 --rank 1 --out rank1_model/
+  pyrank reconstruct base/ run/checkpoint-1000 --rank 1 --scale 0.7 --out rank1_l07/""",
+    "env": "example:\n  pyrank env",
+}
+
+
+class CLIError(Exception):
+    pass
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyrank",
-        description="Streaming low-rank SVD of LLM weight updates W_t - W_0.",
-    )
+    p = argparse.ArgumentParser(prog="pyrank", description="Streaming low-rank SVD of LLM weight updates W_t - W_0.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    env = sub.add_parser(
-        "env",
-        help="print versions and which backends are available (and why not)",
-        description="Print versions, devices, CPU features and the status of every backend.",
-        epilog="example:  pyrank env",
-    )
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def series_args(sp, need_out=True):
+        sp.add_argument("base", help="the base model (before RL): HF directory, .safetensors or .pt/.bin")
+        sp.add_argument("checkpoints", nargs="*", help="checkpoint directories or files, in any order")
+        sp.add_argument("--run-dir", help="a training run: checkpoint-N/, global_step_N/actor/huggingface/ "
+                                          "or global_stepN_hf/ folders")
+        sp.add_argument("--steps", help="comma-separated steps of the CHECKPOINTS when their names don't say")
+        sp.add_argument("--metrics", help="CSV (step,value) or JSON ({step: value}) of an evaluation metric")
+        sp.add_argument("--include", action="append", default=[], metavar="REGEX",
+                        help="also analyze tensors whose name matches (repeatable)")
+        sp.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                        help="skip tensors whose name matches (repeatable)")
+        sp.add_argument("--k", type=int, default=1, help="singular triplets per module (default 1)")
+        sp.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+        sp.add_argument("--out", required=need_out, help="output directory (must not exist, unless --force)")
+        sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    a = sub.add_parser("analyze", help="track the top-k triplets of every module over a checkpoint series",
+                       description="Track σ, u, v of every module's update over a checkpoint series; write "
+                                   "report.json, modules.csv and plots.", epilog=EXAMPLES["analyze"],
+                       formatter_class=fmt)
+    series_args(a)
+    a.set_defaults(func=_cmd_analyze)
+
+    e = sub.add_parser("extrapolate", help="AlphaRL: predict a later checkpoint from early ones",
+                       description="Fit each module's rank-1 trajectory over a window of checkpoints and "
+                                   "write the predicted model (a loadable HF directory).",
+                       epilog=EXAMPLES["extrapolate"], formatter_class=fmt)
+    series_args(e)
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-step", type=float, help="extrapolate linearly in the step to this step")
+    g.add_argument("--target-metric", type=float, help="invert AlphaRL's PLS fit at this metric value")
+    e.add_argument("--window", help="A:B, the steps (inclusive) to fit on (default: all given)")
+    e.add_argument("--base", dest="base_mode", choices=["last", "initial"], default="last",
+                   help="last: add the predicted growth to the last window checkpoint (default); "
+                        "initial: W_0 + predicted rank-1 update")
+    e.add_argument("--scale", type=float, default=1.0, help="λ, the update's scale (default 1)")
+    e.set_defaults(func=_cmd_extrapolate)
+
+    r = sub.add_parser("reconstruct", help="the rank-k dominance model W_0 + λ·α·U_k S_k V_kᵀ",
+                       description="Replace every module's update by its norm-matched rank-k part; other "
+                                   "tensors come from the checkpoint.", epilog=EXAMPLES["reconstruct"],
+                       formatter_class=fmt)
+    r.add_argument("base")
+    r.add_argument("checkpoint")
+    r.add_argument("--rank", type=int, default=1)
+    r.add_argument("--scale", type=float, default=1.0)
+    r.add_argument("--no-norm-match", action="store_true", help="α = 1 instead of ‖ΔW‖_F/‖S_k‖₂")
+    r.add_argument("--include", action="append", default=[], metavar="REGEX")
+    r.add_argument("--exclude", action="append", default=[], metavar="REGEX")
+    r.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    r.add_argument("--out", required=True)
+    r.add_argument("--force", action="store_true")
+    r.set_defaults(func=_cmd_reconstruct)
+
+    env = sub.add_parser("env", help="print versions and which backends are available (and why not)",
+                         description="Print versions, devices, CPU features and the status of every backend.",
+                         epilog=EXAMPLES["env"], formatter_class=fmt)
     env.set_defaults(func=_cmd_env)
     return p
+
+
+# ------------------------------------------------------------------ shared plumbing
+
+
+_STEP_RE = [re.compile(r"checkpoint-(\d+)$"), re.compile(r"global_step_?(\d+)(_hf)?$")]
+
+
+def _step_of(path: str):
+    from .io.readers import _trainer_step
+
+    p = os.path.normpath(os.path.abspath(path))
+    parts = p.split(os.sep)
+    if parts[-2:] == ["actor", "huggingface"]:  # verl
+        parts = parts[:-2]
+    d = os.sep.join(parts)
+    st = _trainer_step(d) if os.path.isdir(d) else None
+    if st is not None:
+        return st
+    for rx in _STEP_RE:
+        mt = rx.search(parts[-1])
+        if mt:
+            return int(mt.group(1))
+    return None
+
+
+def _series(args):
+    """[(step, path)] sorted by step, from --run-dir or the positional checkpoints."""
+    from .io import find_checkpoints
+
+    if args.run_dir and args.checkpoints:
+        raise CLIError("give either CHECKPOINTS or --run-dir, not both")
+    if args.run_dir:
+        series = find_checkpoints(args.run_dir)
+    else:
+        if not args.checkpoints:
+            raise CLIError("no checkpoints: give CHECKPOINTS or --run-dir")
+        for c in args.checkpoints:
+            if not os.path.exists(c):
+                raise CLIError(f"{c}: no such file or directory")
+        if args.steps:
+            try:
+                steps = [float(s) for s in args.steps.split(",")]
+            except ValueError:
+                raise CLIError(f"--steps {args.steps!r}: not a comma-separated list of numbers") from None
+            if len(steps) != len(args.checkpoints):
+                raise CLIError(f"--steps has {len(steps)} values for {len(args.checkpoints)} checkpoints")
+        else:
+            steps = []
+            for c in args.checkpoints:
+                st = _step_of(c)
+                if st is None:
+                    raise CLIError(f"{c}: cannot tell its step from the name or trainer_state.json; pass --steps")
+                steps.append(st)
+        series = sorted(zip(steps, args.checkpoints))
+    seen = {}
+    for st, path in series:
+        if st in seen:
+            raise CLIError(f"{path} and {seen[st]} are both step {st:g}")
+        seen[st] = path
+    return series
+
+
+def _read_metrics(path, steps):
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file")
+    text = open(path).read()
+    try:
+        if path.endswith(".json"):
+            obj = json.loads(text)
+            if isinstance(obj, list):
+                obj = {d["step"]: d["value"] for d in obj}
+            metrics = {float(k): float(v) for k, v in obj.items()}
+        else:
+            metrics = {}
+            for row in csv.reader(io.StringIO(text)):
+                if not row or row[0].strip().lower() in ("step", "#"):
+                    continue
+                metrics[float(row[0])] = float(row[1])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise CLIError(f"{path}: not a metrics file (CSV step,value or JSON step→value): {exc}") from None
+    unknown = sorted(set(metrics) - set(steps))
+    if unknown:
+        raise CLIError(f"{path}: step {unknown[0]:g} matches no checkpoint (checkpoint steps: "
+                       f"{', '.join(f'{s:g}' for s in steps)})")
+    return metrics
+
+
+def _open(path):
+    from .io import open_weights
+
+    return open_weights(path)
+
+
+def _shape_of(weights, name):
+    if hasattr(weights, "shape_dtype"):
+        return weights.shape_dtype(name)
+    t = weights[name]
+    return tuple(t.shape), str(t.dtype)
+
+
+def _modules(base, args):
+    from .io import select_modules
+
+    names = select_modules(list(base), args.include, args.exclude, shapes=lambda n: _shape_of(base, n)[0])
+    if not names:
+        raise CLIError(f"{getattr(base, 'source', 'base')}: no module selected (default: attention/MLP "
+                       "projections of the repeated blocks; use --include REGEX)")
+    return names
+
+
+def _check_series(base, ckpts, names):
+    """Every checkpoint has every module, with the base's shape and dtype (read headers only)."""
+    for step, path, w in ckpts:
+        for n in names:
+            if n not in w:
+                raise CLIError(f"{path}: missing module {n!r} (present in the base)")
+            if _shape_of(w, n) != _shape_of(base, n):
+                (s1, d1), (s0, d0) = _shape_of(w, n), _shape_of(base, n)
+                raise CLIError(f"{path}: module {n!r} is {list(s1)} {d1}, the base has {list(s0)} {d0}")
+
+
+class _Progress:
+    def __init__(self, total, label):
+        self.total, self.label, self.done = total, label, 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self, what=""):
+        self.done += 1
+        if self.tty:
+            w = 30
+            fill = int(w * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {what[:40]:<40}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+
+
+def _track(base, ckpts, names, args, metrics, with_sparsity=False):
+    from .analysis import update_sparsity
+    from .track import Rank1Tracker
+
+    tr = Rank1Tracker(k=args.k, backend=args.backend)
+    sparsity = {n: {} for n in names}
+    prog = _Progress(len(ckpts) * len(names), "tracking")
+    for step, path, w in ckpts:
+        for n in names:
+            W, W0 = w[n], base[n]
+            try:
+                tr.observe(step, {n: W}, {n: W0}, modules=[n])
+            except ValueError as exc:
+                raise CLIError(f"{path}: {exc}") from None
+            if with_sparsity:
+                sparsity[n][step] = update_sparsity(W0, W)
+            prog.step(n)
+        if step in metrics:
+            tr.set_metric(step, metrics[step])
+    return tr, sparsity
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|transformer_blocks)\.(\d+)\.")
+
+
+def _layer_type(name):
+    mt = _LAYER.search(name)
+    layer = int(mt.group(1)) if mt else -1
+    typ = name[:-len(".weight")].rsplit(".", 1)[-1] if name.endswith(".weight") else name
+    return layer, typ
+
+
+def _jsonable(x):
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _prepare(args):
+    """Everything validated before any output exists: paths, steps, metrics, modules, shapes."""
+    from .io.writers import check_output
+
+    base = _open(args.base)
+    series = _series(args)
+    inputs = [args.base] + [p for _, p in series] + ([args.run_dir] if args.run_dir else [])
+    check_output(args.out, inputs, args.force)
+    metrics = _read_metrics(args.metrics, [s for s, _ in series]) if args.metrics else {}
+    names = _modules(base, args)
+    ckpts = [(float(s), p, _open(p)) for s, p in series]
+    _check_series(base, ckpts, names)
+    return base, ckpts, names, metrics, inputs
+
+
+def _cmd_analyze(args) -> int:
+    from .io.writers import atomic_dir, check_output
+
+    base, ckpts, names, metrics, inputs = _prepare(args)
+    tr, sparsity = _track(base, ckpts, names, args, metrics, with_sparsity=True)
+    report = {"base": os.path.abspath(args.base), "k": args.k,
+              "checkpoints": [{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts],
+              "metrics": {f"{s:g}": v for s, v in metrics.items()}, "selected_modules": names, "modules": {}}
+    rows = []
+    for n in names:
+        h = tr.history(n)
+        layer, typ = _layer_type(n)
+        r2s, r2m = tr.r2_step(n), tr.r2_metric(n)
+        report["modules"][n] = {
+            "layer": layer, "type": typ, "shape": list(_shape_of(base, n)[0]), "steps": h["steps"],
+            "sigma": h["sigma"].tolist(), "fro": h["fro"].tolist(), "energy": h["energy"].tolist(),
+            "drift_u": h["drift_u"].tolist(), "drift_v": h["drift_v"].tolist(),
+            "sparsity": [sparsity[n][s] for s in h["steps"]], "r2_step": r2s, "r2_metric": r2m,
+            "passes": h["passes"], "converged": bool((h["residual"] <= tr.tol).all()),
+        }
+        for i, s in enumerate(h["steps"]):
+            row = {"module": n, "layer": layer, "type": typ, "step": s}
+            row.update({f"sigma_{j + 1}": float(h["sigma"][i, j]) for j in range(h["sigma"].shape[1])})
+            row.update(fro=float(h["fro"][i]), energy=float(h["energy"][i]), drift_u=float(h["drift_u"][i]),
+                       drift_v=float(h["drift_v"][i]), sparsity=sparsity[n][s], r2_step=r2s, r2_metric=r2m)
+            rows.append(row)
+
+    def fill(d):
+        with open(os.path.join(d, "report.json"), "w") as f:
+            json.dump(_jsonable(report), f, indent=1)
+        with open(os.path.join(d, "modules.csv"), "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+        note = _plots(report, d)
+        if note:
+            print(note, file=sys.stderr)
+        tr.save(os.path.join(d, "tracker"))
+
+    check_output(args.out, inputs, args.force)
+    atomic_dir(args.out, fill)
+    _print_summary(report)
+    print(f"wrote {args.out}/report.json, modules.csv, plots and tracker/ ({len(names)} modules × "
+          f"{len(ckpts)} checkpoints)")
+    return 0
+
+
+def _print_summary(report):
+    by_type = {}
+    for m in report["modules"].values():
+        by_type.setdefault(m["type"], []).append(m)
+    print(f"{'module type':<14}{'n':>4}{'σ1 (last)':>12}{'energy':>9}{'R² step':>9}{'R² metric':>11}{'sparsity':>10}")
+    for typ, ms in sorted(by_type.items()):
+        def mean(xs):
+            xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+            return sum(xs) / len(xs) if xs else float("nan")
+        print(f"{typ:<14}{len(ms):>4}{mean([m['sigma'][-1][0] for m in ms]):>12.4g}"
+              f"{mean([m['energy'][-1] for m in ms]):>9.3f}{mean([m['r2_step'] for m in ms]):>9.3f}"
+              f"{mean([m['r2_metric'] for m in ms]):>11.3f}{mean([m['sparsity'][-1] for m in ms]):>10.3f}")
+
+
+def _plots(report, d):
+    """σ1 over steps per module type; layer × type heatmaps of energy fraction and R²."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: matplotlib is not installed (pip install 'pyrank[plots]')"
+    mods = report["modules"]
+    types = sorted({m["type"] for m in mods.values()})
+    layers = sorted({m["layer"] for m in mods.values()})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for typ in types:
+        ms = [m for m in mods.values() if m["type"] == typ]
+        steps = ms[0]["steps"]
+        mean = [sum(m["sigma"][i][0] for m in ms) / len(ms) for i in range(len(steps))]
+        ax.plot(steps, mean, marker="o", label=typ)
+    ax.set_xlabel("step")
+    ax.set_ylabel("σ1 of ΔW (mean over layers)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, "sigma1.png"), dpi=120)
+    plt.close(fig)
+    for key, title, fn in (("energy", "energy fraction σ1²/‖ΔW‖² (last step)", "energy_heatmap.png"),
+                           ("r2_step", "R² of û(t) linear in step", "r2_heatmap.png")):
+        grid = [[float("nan")] * len(types) for _ in layers]
+        for m in mods.values():
+            v = m[key][-1] if key == "energy" else m[key]
+            grid[layers.index(m["layer"])][types.index(m["type"])] = float("nan") if v is None else v
+        fig, ax = plt.subplots(figsize=(1 + 0.8 * len(types), 1 + 0.3 * len(layers)))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, fn), dpi=120)
+        plt.close(fig)
+    return None
+
+
+def _cmd_extrapolate(args) -> int:
+    from .io import write_hf_dir
+
+    base, ckpts, names, metrics, inputs = _prepare(args)
+    window = None
+    if args.window:
+        try:
+            lo, hi = (float(x) for x in args.window.split(":"))
+        except ValueError:
+            raise CLIError(f"--window {args.window!r}: expected A:B") from None
+        window = (lo, hi)
+        ckpts = [c for c in ckpts if lo <= c[0] <= hi]  # only the window is read
+    if args.target_metric is not None and not metrics:
+        raise CLIError("--target-metric needs --metrics")
+    tr, _ = _track(base, ckpts, names, args, metrics)
+    try:
+        pred = tr.extrapolate(to_step=args.to_step, target_metric=args.target_metric, window=window,
+                              base=args.base_mode, scale=args.scale)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if pred.applies_to == "initial":
+        src, src_path = base, args.base
+    else:
+        k = float(pred.applies_to.split()[1])
+        _, src_path, src = next(c for c in ckpts if c[0] == k)
+    info = dict(pred.info, base_path=os.path.abspath(args.base), applied_to=os.path.abspath(src_path),
+                modules=names, checkpoints=[{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts])
+    prog = _Progress(len(src), "writing")
+    write_hf_dir(args.out, pred.apply(src, backend=args.backend),
+                 base_dir=src_path if os.path.isdir(src_path) else args.base, inputs=inputs, force=args.force,
+                 modified=names, extra_files={"pyrank_extrapolation.json": _jsonable(info)},
+                 progress=lambda i, n, name: prog.step(name))
+    print(f"wrote {args.out}: {len(names)} modules predicted ({pred.info['mode']} mode, base={args.base_mode}), "
+          f"applied to {src_path}")
+    return 0
+
+
+def _cmd_reconstruct(args) -> int:
+    from .extrapolate import rank_k_reconstruction
+    from .io import write_hf_dir
+    from .io.writers import check_output
+
+    if args.rank < 1:
+        raise CLIError(f"--rank must be >= 1, got {args.rank}")
+    base, ck = _open(args.base), _open(args.checkpoint)
+    check_output(args.out, [args.base, args.checkpoint], args.force)
+    names = _modules(base, args)
+    _check_series(base, [(0.0, args.checkpoint, ck)], names)
+    chosen = set(names)
+
+    class Recon(dict):
+        def __iter__(self):
+            return iter(ck)
+
+        def __len__(self):
+            return len(ck)
+
+        def __getitem__(self, n):
+            if n not in chosen:
+                return ck[n]
+            try:
+                return rank_k_reconstruction(base[n], ck[n], k=args.rank, scale=args.scale,
+                                             norm_match=not args.no_norm_match, backend=args.backend)
+            except ValueError as exc:
+                raise CLIError(f"{args.checkpoint}: module {n!r}: {exc}") from None
+
+    prog = _Progress(len(ck), "reconstructing")
+    write_hf_dir(args.out, Recon(), base_dir=args.checkpoint if os.path.isdir(args.checkpoint) else None,
+                 inputs=[args.base, args.checkpoint], force=args.force, modified=names,
+                 extra_files={"pyrank_reconstruction.json": {"rank": args.rank, "scale": args.scale,
+                                                             "norm_match": not args.no_norm_match,
+                                                             "modules": names}},
+                 progress=lambda i, n, name: prog.step(name))
+    print(f"wrote {args.out}: rank-{args.rank} reconstruction of {len(names)} modules")
+    return 0
 
 
 def _cmd_env(args) -> int:
@@ -30,8 +489,22 @@ def _cmd_env(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _build_parser().parse_args(argv)
-    return args.func(args)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from .io import PyrankIOError
+        from .ops import BackendUnavailable
+
+        if args.debug or not isinstance(exc, (CLIError, PyrankIOError, BackendUnavailable)):
+            if args.debug:
+                raise
+            print(f"pyrank: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                  file=sys.stderr)
+            return 2
+        print(f"pyrank: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

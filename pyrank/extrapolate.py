@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -153,8 +151,10 @@ class Prediction:
                 tensors[f"{name}::{part}"] = getattr(f, part).contiguous()
         meta = {"applies_to": self.applies_to, "info": self.info,
                 "alpha": {n: f.alpha for n, f in self.factors.items()}}
-        _atomic_dir(path, lambda d: (save_file(tensors, os.path.join(d, "factors.safetensors")),
-                                     _write_json(os.path.join(d, "prediction.json"), meta)))
+        from .io.writers import atomic_dir
+
+        atomic_dir(path, lambda d: (save_file(tensors, os.path.join(d, "factors.safetensors")),
+                                    _write_json(os.path.join(d, "prediction.json"), meta)))
 
     @classmethod
     def load(cls, path: str) -> "Prediction":
@@ -280,30 +280,8 @@ class _TemporalWeights(Mapping):
 def _write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def _atomic_dir(path: str, fill) -> None:
-    """Write a directory atomically: fill a temporary sibling, fsync, then rename."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        fill(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .extrapolate import PLS1, Factors, Prediction, _atomic_dir, _read_json, _write_json, line_fit, r2_in_step
+from .extrapolate import PLS1, Factors, Prediction, _read_json, _write_json, line_fit, r2_in_step
 from .linalg import LowRankSVD, svd_lowrank
 
 __all__ = ["Rank1Tracker", "Observation"]
@@ -294,7 +294,9 @@ class Rank1Tracker:
             save_file(tensors, os.path.join(d, "vectors.safetensors"))
             _write_json(os.path.join(d, "tracker.json"), meta)
 
-        _atomic_dir(path, fill)
+        from .io.writers import atomic_dir
+
+        atomic_dir(path, fill)
 
     @classmethod
     def load(cls, path: str) -> "Rank1Tracker":

@@ -1,0 +1,192 @@
+"""Lazy, read-only readers for model directories, weight files and training runs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import PyrankIOError
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_PT_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
+_PT_INDEX = "pytorch_model.bin.index.json"
+
+
+class LazyWeights(Mapping):
+    """name → tensor, read from safetensors files one tensor per access (memory-mapped,
+    read-only). ``source`` names what was opened; ``file_of(name)`` the file a tensor is in."""
+
+    def __init__(self, files: Dict[str, str], source: str):
+        self._files = files  # tensor name -> file path
+        self.source = source
+        self._handles: Dict[str, object] = {}
+
+    def _handle(self, path):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            try:
+                self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:  # truncated or corrupted file
+                raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
+        return self._handles[path]
+
+    def __getitem__(self, name):
+        path = self._files.get(name)
+        if path is None:
+            raise KeyError(name)
+        try:
+            return self._handle(path).get_tensor(name)
+        except PyrankIOError:
+            raise
+        except Exception as exc:
+            raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({_short(exc)})") from None
+
+    def file_of(self, name) -> str:
+        return self._files[name]
+
+    def shape_dtype(self, name) -> Tuple[Tuple[int, ...], str]:
+        """Shape and dtype string without reading the data."""
+        sl = self._handle(self._files[name]).get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self):
+        return len(self._files)
+
+
+class _EagerWeights(dict):
+    """A state dict loaded whole (``.pt``/``.bin``: pickle-based formats cannot be read lazily)."""
+
+    source = ""
+
+    def file_of(self, name):
+        return self.source
+
+
+def _short(exc) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _safetensors_names(path: str) -> List[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as exc:
+        raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
+
+
+def _load_pt(path: str) -> _EagerWeights:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise PyrankIOError(
+            f"{path}: not loadable with torch.load(weights_only=True) ({_short(exc)}); pyrank "
+            "never unpickles arbitrary objects — convert it to safetensors") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PyrankIOError(f"{path}: not a state dict of tensors")
+    out = _EagerWeights(sd)
+    out.source = path
+    return out
+
+
+def open_weights(path: str) -> Mapping:
+    """A read-only mapping name → tensor for a model directory or weight file (see module doc)."""
+    if not os.path.exists(path):
+        raise PyrankIOError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return LazyWeights({n: path for n in _safetensors_names(path)}, path)
+        if path.endswith((".pt", ".bin", ".pth")):
+            return _load_pt(path)
+        raise PyrankIOError(f"{path}: unknown weight file type (expected .safetensors, .pt or .bin)")
+    index = os.path.join(path, _INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except Exception as exc:
+            raise PyrankIOError(f"{index}: not a safetensors index ({_short(exc)})") from None
+        files = {}
+        for name, shard in weight_map.items():
+            shard_path = os.path.join(path, shard)
+            if not os.path.exists(shard_path):
+                raise PyrankIOError(f"{shard_path}: shard named by {index} is missing")
+            files[name] = shard_path
+        for shard_path in sorted(set(files.values())):  # every shard must open and hold what the index says
+            present = set(_safetensors_names(shard_path))
+            lost = [n for n, p in files.items() if p == shard_path and n not in present]
+            if lost:
+                raise PyrankIOError(f"{shard_path}: lacks tensor {lost[0]!r} named by {index}")
+        return LazyWeights(files, path)
+    single = os.path.join(path, _SINGLE)
+    if os.path.exists(single):
+        return LazyWeights({n: single for n in _safetensors_names(single)}, path)
+    sts = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(sts) == 1:
+        p = os.path.join(path, sts[0])
+        return LazyWeights({n: p for n in _safetensors_names(p)}, path)
+    for name in _PT_NAMES:
+        if os.path.exists(os.path.join(path, name)):
+            return _load_pt(os.path.join(path, name))
+    if os.path.exists(os.path.join(path, _PT_INDEX)):
+        raise PyrankIOError(f"{path}: sharded .bin checkpoints are not supported; convert to safetensors")
+    raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, "
+                        "or a .pt/.bin state dict)")
+
+
+_PATTERNS = [  # (regex on the entry name, where the weights are inside it)
+    (re.compile(r"^checkpoint-(\d+)$"), ""),
+    (re.compile(r"^global_step_(\d+)$"), os.path.join("actor", "huggingface")),
+    (re.compile(r"^global_step(\d+)_hf$"), ""),
+]
+
+
+def _trainer_step(d: str) -> Optional[int]:
+    p = os.path.join(d, "trainer_state.json")
+    if os.path.exists(p):
+        try:
+            with open(p) as f:
+                return int(json.load(f)["global_step"])
+        except Exception:
+            return None
+    return None
+
+
+def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """[(step, weights directory)] of a training run, sorted by step.
+
+    The step comes from ``trainer_state.json``'s ``global_step`` when present, else from
+    the folder name (``checkpoint-N``, ``global_step_N``, ``global_stepN_hf``).
+    """
+    if not os.path.isdir(run_dir):
+        raise PyrankIOError(f"{run_dir}: not a directory")
+    found: Dict[int, str] = {}
+    for entry in sorted(os.listdir(run_dir)):
+        for pat, inner in _PATTERNS:
+            mt = pat.match(entry)
+            if not mt:
+                continue
+            d = os.path.join(run_dir, entry, inner) if inner else os.path.join(run_dir, entry)
+            if not os.path.isdir(d):
+                continue
+            step = _trainer_step(os.path.join(run_dir, entry))
+            step = int(mt.group(1)) if step is None else step
+            if step in found:
+                raise PyrankIOError(f"{run_dir}: two checkpoints claim step {step}: {found[step]} and {d}")
+            found[step] = d
+    if not found:
+        raise PyrankIOError(f"{run_dir}: no checkpoints (expected checkpoint-N/, global_step_N/actor/"
+                            "huggingface/ or global_stepN_hf/ folders)")
+    return sorted(found.items())
