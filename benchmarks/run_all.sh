@@ -6,3 +6,4 @@ cd "$(dirname "$0")"
 python bench_ops.py
 python bench_svd.py --backends cpu,torch
 python bench_track.py
+python bench_io.py

@@ -18,42 +18,47 @@ _PT_INDEX = "pytorch_model.bin.index.json"
 
 
 class LazyWeights(Mapping):
-    """name → tensor, read from safetensors files one tensor per access (memory-mapped,
-    read-only). ``source`` names what was opened; ``file_of(name)`` the file a tensor is in."""
+    """name → tensor, read from safetensors files one tensor per access, read-only.
+    ``source`` names what was opened; ``file_of(name)`` the file a tensor is in.
+
+    Each access opens the file, copies the one tensor out and closes it again: a mapping
+    kept open would leave every page it ever read counted in the process's RSS, and
+    analyzing a series would then look (and, under memory pressure, act) like holding
+    every model whole."""
 
     def __init__(self, files: Dict[str, str], source: str):
         self._files = files  # tensor name -> file path
         self.source = source
-        self._handles: Dict[str, object] = {}
 
-    def _handle(self, path):
-        if path not in self._handles:
-            from safetensors import safe_open
+    def _read(self, name, fn):
+        from safetensors import safe_open
 
-            try:
-                self._handles[path] = safe_open(path, framework="pt", device="cpu")
-            except Exception as exc:  # truncated or corrupted file
-                raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
-        return self._handles[path]
-
-    def __getitem__(self, name):
-        path = self._files.get(name)
-        if path is None:
-            raise KeyError(name)
+        path = self._files[name]
         try:
-            return self._handle(path).get_tensor(name)
-        except PyrankIOError:
-            raise
+            f = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:  # truncated or corrupted file
+            raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
+        try:
+            return fn(f)
         except Exception as exc:
             raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({_short(exc)})") from None
+        finally:
+            del f  # unmaps the file
+
+    def __getitem__(self, name):
+        if name not in self._files:
+            raise KeyError(name)
+        return self._read(name, lambda f: f.get_tensor(name).clone())
 
     def file_of(self, name) -> str:
         return self._files[name]
 
     def shape_dtype(self, name) -> Tuple[Tuple[int, ...], str]:
         """Shape and dtype string without reading the data."""
-        sl = self._handle(self._files[name]).get_slice(name)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        def meta(f):
+            sl = f.get_slice(name)
+            return tuple(sl.get_shape()), sl.get_dtype()
+        return self._read(name, meta)
 
     def __iter__(self):
         return iter(self._files)
