@@ -194,11 +194,11 @@ def svd_lowrank(
     # ---- start blocks: pending directions whose products are not yet known
     if init is not None:
         U0, V0 = _init_bases(init, m, n, dev, cdtype)
-        # Two random columns ride along: they make a stale (invariant but no longer
-        # dominant) warm subspace impossible to mistake for the answer, and they let a
-        # zero product prove Δ = 0.
-        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 2), gen)
-        pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, l + 2), gen)
+        # A random column rides along: it makes a stale (invariant but no longer dominant)
+        # warm subspace impossible to mistake for the answer, and lets a zero product prove
+        # Δ = 0. (One is enough for both; each extra column costs compute on every pass.)
+        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 1), gen)
+        pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, l + 1), gen)
     elif n <= m:  # start on the smaller side: k ≥ min(m, n) is then exact in 2 passes
         pend_u, pend_v = like.new_zeros(m, 0), _random_orth(n, l, gen, like)
     else:

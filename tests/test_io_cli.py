@@ -344,3 +344,18 @@ def test_writer_is_atomic_when_the_disk_fills(tmp_path, run):
         bad["lm_head.weight"] = torch.full((2, 2), float("inf"))
         write_hf_dir(str(tmp_path / "nan"), bad, modified={"lm_head.weight"})
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.parametrize("layout", ["verl", "openrlhf"])
+def test_analyze_other_run_layouts_end_to_end(tmp_path, run, layout):
+    root, base, sds = run
+    for s in (10, 20, 30):
+        sub = f"global_step_{s}/actor/huggingface" if layout == "verl" else f"global_step{s}_hf"
+        write_model(str(tmp_path / "run" / sub), sds[s], shards=2 if s == 20 else 1)
+    out = tmp_path / "rep"
+    cli("analyze", root / "base", "--run-dir", tmp_path / "run", "--out", out)
+    rep = json.load(open(out / "report.json"))
+    assert [c["step"] for c in rep["checkpoints"]] == [10, 20, 30]
+    n = "model.layers.0.mlp.down_proj.weight"
+    s1 = float(torch.linalg.svdvals(sds[30][n].double() - base[n].double())[0])
+    assert abs(rep["modules"][n]["sigma"][-1][0] - s1) <= 1e-4 * s1
