@@ -112,7 +112,8 @@ static inline void load_delta(const Mat& A, const Mat& B, int64_t i, int64_t j0,
 
 template <int DT>
 static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64_t kx,
-                       float* out_x, const float* Y, int64_t ky, float* out_yT, int nthreads) {
+                       float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
+                       int nthreads) {
   if (nthreads < 1) nthreads = 1;
   // Δᵀ·Y: each thread accumulates its rows' contribution privately, then one reduction.
   float* acc_all = nullptr;
@@ -129,7 +130,8 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
   // 9.7 ms, and the k=32 fused pass faster, 80 → 64 ms; this VM's timings vary ±30%.)
   const int64_t G = (kx + ky >= 16) ? GMAX : R;
   const int64_t ntiles = (m + G - 1) / G;
-#pragma omp parallel num_threads(nthreads)
+  double sqsum = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : sqsum)
   {
     const int t = omp_get_thread_num();
     float* acc = ky > 0 ? acc_all + (int64_t)t * ky * n : nullptr;
@@ -145,6 +147,15 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
         for (int64_t r = 0; r < nsub * R; ++r) {
           if (r < rows) load_delta<DT>(A, B, i0 + r, j0, len, dt + r * J);
           else memset(dt + r * J, 0, sizeof(float) * len);  // padding rows contribute zero
+        }
+        if (sq) {  // ‖Δ‖² from the tile already in L1: no extra read of A and B
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* __restrict dr = dt + r * J;
+            float s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < len; ++j) s += dr[j] * dr[j];
+            sqsum += s;
+          }
         }
         for (int64_t c = 0; c < kx; ++c) {  // Δ·X: R dot products share each load of X
           const float* __restrict x = XT + c * n + j0;
@@ -187,6 +198,7 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
     }
     free(sx);
   }
+  if (sq) *sq = sqsum;
   if (ky > 0) {
     const int64_t total = ky * n;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -201,42 +213,11 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
 
 static void delta_mm_both(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
                           int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
-                          int nthreads) {
+                          double* sq, int nthreads) {
   switch (dtype) {
-    case kBF16: return fused_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, nthreads);
-    case kF16: return fused_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, nthreads);
-    default: return fused_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, nthreads);
-  }
-}
-
-// ---------------------------------------------------------------- ‖A − B‖_F²
-
-template <int DT>
-static double sqnorm_impl(int64_t m, int64_t n, Mat A, Mat B, int nthreads) {
-  double total = 0.0;
-#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
-  {
-    alignas(64) float d[J];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j0 = 0; j0 < n; j0 += J) {
-        const int64_t len = imin(J, n - j0);
-        load_delta<DT>(A, B, i, j0, len, d);
-        float s = 0;  // fp32 within a chunk of ≤ 256, double across chunks
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < len; ++j) s += d[j] * d[j];
-        total += s;
-      }
-    }
-  }
-  return total;
-}
-
-static double delta_sqnorm(int dtype, int64_t m, int64_t n, Mat A, Mat B, int nthreads) {
-  switch (dtype) {
-    case kBF16: return sqnorm_impl<kBF16>(m, n, A, B, nthreads);
-    case kF16: return sqnorm_impl<kF16>(m, n, A, B, nthreads);
-    default: return sqnorm_impl<kF32>(m, n, A, B, nthreads);
+    case kBF16: return fused_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    case kF16: return fused_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    default: return fused_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
   }
 }
 
@@ -366,7 +347,6 @@ static void delta_gram(int dtype, int64_t m, int64_t n, const Mat* As, int64_t T
 extern "C" void PR_CAT(pyrank_kernels_, PYRANK_ISA)(pyrank::KernelTable* t) {
   t->name = PR_STR(PYRANK_ISA);
   t->delta_mm_both = &pyrank::PYRANK_ISA::delta_mm_both;
-  t->delta_sqnorm = &pyrank::PYRANK_ISA::delta_sqnorm;
   t->merge_lowrank = &pyrank::PYRANK_ISA::merge_lowrank;
   t->delta_gram = &pyrank::PYRANK_ISA::delta_gram;
 }

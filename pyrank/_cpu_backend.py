@@ -56,56 +56,32 @@ def _mat(T):
     return T.data_ptr(), T.stride(0), T.stride(1)
 
 
-def _fused(A, B, X, Y):
-    """(ΔX or None, ΔᵀY or None) for fp32 X (n×kx), Y (m×ky); one read of A and B."""
-    if _transposed(A, B):
-        Q, P = _fused(A.t(), None if B is None else B.t(), Y, X)
-        return P, Q
+def products(A, B, X, Y, cdtype, want_sq):
+    """(ΔX or None, ΔᵀY or None, ‖Δ‖_F² or None) for fp32 X (n×kx), Y (m×ky): one read."""
+    if A.dtype == torch.float64:
+        return _torch_backend.products(A, B, X, Y, cdtype, want_sq)
+    if _transposed(A, B):  # ΔX = (Δᵀ)ᵀX, ΔᵀY = (Δᵀ)Y, ‖Δ‖ = ‖Δᵀ‖
+        Q, P, sq = products(A.t(), None if B is None else B.t(), Y, X, cdtype, want_sq)
+        return P, Q, sq
     m, n = A.shape
     kx = 0 if X is None else X.shape[1]
     ky = 0 if Y is None else Y.shape[1]
     out_x = torch.empty(m, kx, dtype=torch.float32) if X is not None else None
     out_yT = torch.empty(ky, n, dtype=torch.float32) if Y is not None else None
-    if m == 0 or n == 0:  # nothing to read: the products are zero
+    if m == 0 or n == 0:  # nothing to read: every output is zero
         return (None if out_x is None else out_x.zero_(),
-                None if out_yT is None else out_yT.zero_().t().contiguous())
+                None if out_yT is None else out_yT.zero_().t().contiguous(),
+                torch.zeros((), dtype=cdtype) if want_sq else None)
     XT = X.t().contiguous() if X is not None else None
     Yc = Y.contiguous() if Y is not None else None
-    _C.delta_mm_both(
+    sq = _C.delta_mm_both(
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
         0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
         0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
-        torch.get_num_threads(),
+        bool(want_sq), torch.get_num_threads(),
     )
-    return out_x, None if out_yT is None else out_yT.t().contiguous()
-
-
-def delta_mm(A, B, X, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_mm(A, B, X, cdtype)
-    return _fused(A, B, X, None)[0]
-
-
-def delta_mm_t(A, B, Y, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_mm_t(A, B, Y, cdtype)
-    return _fused(A, B, None, Y)[1]
-
-
-def delta_mm_both(A, B, X, Y, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_mm_both(A, B, X, Y, cdtype)
-    return _fused(A, B, X, Y)
-
-
-def delta_sqnorm(A, B, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_sqnorm(A, B, cdtype)
-    if _transposed(A, B):  # ‖Δ‖_F = ‖Δᵀ‖_F; stream the contiguous direction
-        A, B = A.t(), None if B is None else B.t()
-    m, n = A.shape
-    total = _C.delta_sqnorm(_DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B), torch.get_num_threads())
-    return torch.tensor(total, dtype=cdtype)
+    return (out_x, None if out_yT is None else out_yT.t().contiguous(),
+            torch.tensor(sq, dtype=cdtype) if want_sq else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

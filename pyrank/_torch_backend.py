@@ -29,40 +29,21 @@ def _delta(A, B, i, j, cdtype):
     return d
 
 
-def delta_mm(A, B, X, cdtype):
+def products(A, B, X, Y, cdtype, want_sq):
+    """(A − B)·X, (A − B)ᵀ·Y and ‖A − B‖_F² from one pass over row blocks (each optional)."""
     m, n = A.shape
-    out = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device)
+    out_x = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device) if X is not None else None
+    out_y = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device) if Y is not None else None
+    sq = torch.zeros((), dtype=torch.float64, device=A.device) if want_sq else None
     for i, j in _row_blocks(m, n):
-        torch.mm(_delta(A, B, i, j, cdtype), X, out=out[i:j])
-    return out
-
-
-def delta_mm_t(A, B, Y, cdtype):
-    m, n = A.shape
-    out = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device)
-    for i, j in _row_blocks(m, n):
-        out.addmm_(_delta(A, B, i, j, cdtype).t(), Y[i:j])
-    return out
-
-
-def delta_mm_both(A, B, X, Y, cdtype):
-    m, n = A.shape
-    out_x = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device)
-    out_y = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device)
-    for i, j in _row_blocks(m, n):
-        d = _delta(A, B, i, j, cdtype)  # one read of this block serves both products
-        torch.mm(d, X, out=out_x[i:j])
-        out_y.addmm_(d.t(), Y[i:j])
-    return out_x, out_y
-
-
-def delta_sqnorm(A, B, cdtype):
-    m, n = A.shape
-    total = torch.zeros((), dtype=cdtype, device=A.device)
-    for i, j in _row_blocks(m, n):
-        d = _delta(A, B, i, j, cdtype)
-        total += torch.sum(d * d)
-    return total
+        d = _delta(A, B, i, j, cdtype)  # one read of this block serves every output
+        if X is not None:
+            torch.mm(d, X, out=out_x[i:j])
+        if Y is not None:
+            out_y.addmm_(d.t(), Y[i:j])
+        if want_sq:
+            sq += torch.sum(d * d, dtype=torch.float64)
+    return out_x, out_y, (sq.to(cdtype) if want_sq else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

@@ -46,28 +46,10 @@ def _k():
     return delta, merge
 
 
-def delta_mm(A, B, X, cdtype):
+def products(A, B, X, Y, cdtype, want_sq):
     if A.dtype == torch.float64:
-        return _torch_backend.delta_mm(A, B, X, cdtype)
-    return _k()[0].delta_products(A, B, X, None)[0]
-
-
-def delta_mm_t(A, B, Y, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_mm_t(A, B, Y, cdtype)
-    return _k()[0].delta_products(A, B, None, Y)[1]
-
-
-def delta_mm_both(A, B, X, Y, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_mm_both(A, B, X, Y, cdtype)
-    return _k()[0].delta_products(A, B, X, Y)
-
-
-def delta_sqnorm(A, B, cdtype):
-    if A.dtype == torch.float64:
-        return _torch_backend.delta_sqnorm(A, B, cdtype)
-    return _k()[0].delta_sqnorm(A, B)
+        return _torch_backend.products(A, B, X, Y, cdtype, want_sq)
+    return _k()[0].delta_products(A, B, X, Y, want_sq)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

@@ -193,12 +193,11 @@ def rank_k_reconstruction(W0: Tensor, Wt: Tensor, k: int = 1, scale: float = 1.0
     α = ‖ΔW‖_F / ‖S_k‖₂ when ``norm_match`` (so the update keeps ΔW's Frobenius norm),
     else 1; λ = ``scale``. Returned in W₀'s dtype, rounded once.
     """
-    res = svd_lowrank(Wt, k, base=W0, tol=tol, backend=backend)
+    res = svd_lowrank(Wt, k, base=W0, tol=tol, backend=backend, fro=norm_match)
     alpha = 1.0
     if norm_match:
-        fro = math.sqrt(float(ops.delta_sqnorm(Wt, W0, backend=backend)))
         sk = float(res.S.double().norm())
-        alpha = fro / sk if sk > 0 else 0.0
+        alpha = res.fro / sk if sk > 0 else 0.0
     return ops.merge_lowrank(W0, res.U, res.S, res.V, scale * alpha, backend=backend)
 
 

@@ -48,6 +48,7 @@ class LowRankSVD:
     passes: reads of A and base (a fused two-sided read counts once).
     residual: (k,) max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖) / σ_1 per triplet.
     converged: every residual ≤ tol.
+    fro: ‖A − base‖_F when asked for (``fro=True``: read in the first pass), else None.
     Signs: the largest-magnitude entry of every u_i is positive.
     """
 
@@ -57,6 +58,7 @@ class LowRankSVD:
     passes: int
     residual: Tensor
     converged: bool
+    fro: Optional[float] = None
     # The oversampled Ritz bases (U_l, V_l): a warm start from this result reuses them.
     basis: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False)
 
@@ -134,6 +136,7 @@ def svd_lowrank(
     seed: Optional[int] = None,
     backend: str = "auto",
     method: str = "krylov",
+    fro: bool = False,
 ) -> LowRankSVD:
     """Top-k singular triplets of ``A − base`` without forming it.
 
@@ -156,6 +159,8 @@ def svd_lowrank(
         method: "krylov" (default) keeps the whole block Krylov space between
             restarts; "subspace" keeps only the newest block (subspace iteration with
             Rayleigh–Ritz), kept for the benchmark that chose between them.
+        fro: also return ‖A − base‖_F (``result.fro``), summed during the first pass —
+            no extra read.
 
     Raises:
         ValueError: k < 1, bad shapes, or NaN/Inf in A or base (named).
@@ -206,18 +211,25 @@ def svd_lowrank(
 
     U, ZU = like.new_zeros(m, 0), like.new_zeros(n, 0)  # left basis and Δᵀ·U
     V, YV = like.new_zeros(n, 0), like.new_zeros(m, 0)  # right basis and Δ·V
+    fro_value = None
     scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
     passes = 0
 
     while True:
         # ---- one pass: multiply the pending blocks (fused when both sides have some)
         has_u, has_v = pend_u.shape[1] > 0, pend_v.shape[1] > 0
+        want_sq = fro and passes == 0  # ‖Δ‖_F rides on the first read
         if has_u and has_v:
-            yv_new, zu_new = ops.delta_mm_both(A, base, pend_v, pend_u, backend=name)
+            out = ops.delta_mm_both(A, base, pend_v, pend_u, sqnorm=want_sq, backend=name)
+            yv_new, zu_new = out[0], out[1]
         elif has_v:
-            yv_new, zu_new = ops.delta_mm(A, base, pend_v, backend=name), None
+            out = ops.delta_mm(A, base, pend_v, sqnorm=want_sq, backend=name)
+            yv_new, zu_new = (out[0] if want_sq else out), None
         else:
-            yv_new, zu_new = None, ops.delta_mm_t(A, base, pend_u, backend=name)
+            out = ops.delta_mm_t(A, base, pend_u, sqnorm=want_sq, backend=name)
+            yv_new, zu_new = None, (out[0] if want_sq else out)
+        if want_sq:
+            fro_value = math.sqrt(max(0.0, float(out[-1])))
         passes += 1
         for t in (yv_new, zu_new):
             if t is not None:
@@ -226,7 +238,7 @@ def svd_lowrank(
                 scale = max(scale, float(torch.linalg.vector_norm(t, dim=0).max()))
         if scale == 0.0:
             # Every start block had a random part, so Δ·(random) = 0 means Δ = 0.
-            return _zero_result(m, n, k, passes, gen, like)
+            return _zero_result(m, n, k, passes, gen, like, fro_value)
         if yv_new is not None:
             V, YV = torch.cat([V, pend_v], 1), torch.cat([YV, yv_new], 1)
         if zu_new is not None:
@@ -253,7 +265,9 @@ def svd_lowrank(
         exhausted = pend_u.shape[1] == 0 and pend_v.shape[1] == 0
         converged = (kk == k or exhausted) and bool((rel <= tol).all())
         if converged or exhausted or passes >= max_passes:
-            return _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
+            out = _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
+            out.fro = fro_value
+            return out
 
         if method == "subspace":
             # plain two-sided subspace iteration: replace both bases by Δ·(Ritz V), Δᵀ·(Ritz U)
@@ -294,12 +308,12 @@ def _raise_nonfinite(A: Tensor, base: Optional[Tensor]):
     raise ValueError("A − base overflows to Inf in the compute dtype")
 
 
-def _zero_result(m, n, k, passes, gen, like) -> LowRankSVD:
+def _zero_result(m, n, k, passes, gen, like, fro=None) -> LowRankSVD:
     U = _random_orth(m, k, gen, like)
     V = _random_orth(n, k, gen, like)
     U, V = _fix_signs(U, V)
     z = like.new_zeros(k)
-    return LowRankSVD(U, z, V, passes, z.clone(), True, basis=(U, V))
+    return LowRankSVD(U, z, V, passes, z.clone(), True, fro=fro, basis=(U, V))
 
 
 def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowRankSVD:

@@ -165,38 +165,43 @@ def _factor(X: Tensor, name: str, rows: int, A: Tensor, ndim: int = 2) -> Tensor
 # ---------------------------------------------------------------- primitives
 
 
-def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, backend: str = "auto") -> Tensor:
-    """(A − B) @ X.  A, B: (m, n) weights; X: (n, k).  Returns (m, k) in the compute dtype."""
+def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, sqnorm: bool = False, backend: str = "auto"):
+    """(A − B) @ X.  A, B: (m, n) weights; X: (n, k).  Returns (m, k) in the compute dtype;
+    with ``sqnorm=True``, also ‖A − B‖_F² from the same read: ``(product, sqnorm)``."""
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
     _, be = resolve_backend(backend, A.device)
-    return be.delta_mm(A, B, X, compute_dtype(A.dtype))
+    ox, _, sq = be.products(A, B, X, None, compute_dtype(A.dtype), sqnorm)
+    return (ox, sq) if sqnorm else ox
 
 
-def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, backend: str = "auto") -> Tensor:
-    """(A − B)ᵀ @ Y without a transposed copy.  Y: (m, k).  Returns (n, k)."""
+def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, sqnorm: bool = False, backend: str = "auto"):
+    """(A − B)ᵀ @ Y without a transposed copy.  Y: (m, k).  Returns (n, k) (and ‖A − B‖_F²
+    with ``sqnorm=True``)."""
     check_weights(A, B)
     Y = _factor(Y, "Y", A.shape[0], A)
     _, be = resolve_backend(backend, A.device)
-    return be.delta_mm_t(A, B, Y, compute_dtype(A.dtype))
+    _, oy, sq = be.products(A, B, None, Y, compute_dtype(A.dtype), sqnorm)
+    return (oy, sq) if sqnorm else oy
 
 
-def delta_mm_both(
-    A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, backend: str = "auto"
-) -> Tuple[Tensor, Tensor]:
-    """((A − B) @ X, (A − B)ᵀ @ Y) in one read of A and B.  X: (n, kx); Y: (m, ky)."""
+def delta_mm_both(A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, sqnorm: bool = False,
+                  backend: str = "auto"):
+    """((A − B) @ X, (A − B)ᵀ @ Y) in one read of A and B.  X: (n, kx); Y: (m, ky).
+    With ``sqnorm=True`` a third item, ‖A − B‖_F², from the same read."""
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
     Y = _factor(Y, "Y", A.shape[0], A)
     _, be = resolve_backend(backend, A.device)
-    return be.delta_mm_both(A, B, X, Y, compute_dtype(A.dtype))
+    ox, oy, sq = be.products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
+    return (ox, oy, sq) if sqnorm else (ox, oy)
 
 
 def delta_sqnorm(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """‖A − B‖_F² as a 0-d tensor in the compute dtype."""
+    """‖A − B‖_F² as a 0-d tensor in the compute dtype (sums in float64)."""
     check_weights(A, B)
     _, be = resolve_backend(backend, A.device)
-    return be.delta_sqnorm(A, B, compute_dtype(A.dtype))
+    return be.products(A, B, None, None, compute_dtype(A.dtype), True)[2]
 
 
 def merge_lowrank(

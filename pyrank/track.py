@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
 from .extrapolate import PLS1, Factors, Prediction, _read_json, _write_json, line_fit, r2_in_step
 from .linalg import LowRankSVD, svd_lowrank
 
@@ -99,8 +98,8 @@ class Rank1Tracker:
                                  f"at step {step:g}")
             try:
                 res = svd_lowrank(W, self.k, base=W0, init=self._warm.get(name), tol=self.tol,
-                                  backend=self.backend, seed=self.seed)
-                fro = math.sqrt(max(0.0, float(ops.delta_sqnorm(W, W0, backend=self.backend))))
+                                  backend=self.backend, seed=self.seed, fro=True)
+                fro = res.fro
             except ValueError as exc:
                 raise ValueError(f"module {name!r} at step {step:g}: {exc}") from None
             ob = Observation(res.S.float().cpu(), res.U.float().cpu(), res.V.float().cpu(), fro,

@@ -235,5 +235,7 @@ def test_every_backend_end_to_end(backend, dtype):
     ref = pyrank.svd_lowrank(A, 3, base=B, backend="torch")
     assert res.passes == ref.passes
     assert torch.allclose(res.S, ref.S, rtol=1e-5)
-    warm = pyrank.svd_lowrank(A, 3, base=B, init=res, backend=backend)
+    warm = pyrank.svd_lowrank(A, 3, base=B, init=res, backend=backend, fro=True)
     check_result(warm, A, B, 3, 1e-4)
+    assert res.fro is None
+    assert warm.fro == pytest.approx(float(exact_delta(A, B).norm()), rel=1e-5)

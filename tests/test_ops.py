@@ -38,9 +38,19 @@ def _check_all(backend, A, B, k, seed=0):
     ox, oy = ops.delta_mm_both(A, B, X, Y, backend=backend)
     assert rel_err(ox, D @ X.double()) <= tol
     assert rel_err(oy, D.T @ Y.double()) <= tol
+    ref_sq = (D**2).sum().item()
     sq = ops.delta_sqnorm(A, B, backend=backend)
     assert sq.dim() == 0
-    assert abs(sq.item() - (D**2).sum().item()) <= tol * max((D**2).sum().item(), 1e-30)
+    assert abs(sq.item() - ref_sq) <= tol * max(ref_sq, 1e-30)
+    # the norm from the same read as a product
+    px, s1 = ops.delta_mm(A, B, X, sqnorm=True, backend=backend)
+    py, s2 = ops.delta_mm_t(A, B, Y, sqnorm=True, backend=backend)
+    bx, by, s3 = ops.delta_mm_both(A, B, X, Y, sqnorm=True, backend=backend)
+    # (same values; the Triton grid, and so the summation order, depends on what is asked)
+    for got, want in ((px, ox), (bx, ox), (py, oy), (by, oy)):
+        assert rel_err(got, want) <= tol
+    for s in (s1, s2, s3):
+        assert abs(s.item() - ref_sq) <= tol * max(ref_sq, 1e-30)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
