@@ -45,7 +45,6 @@ def build(root, layers, H, F, ckpts):
     files = {}
     for name, shp in shapes.items():  # one shard per layer: never the whole model in memory
         files.setdefault(name.split(".")[2], []).append(name)
-    base = {}
     for layer, names in files.items():
         part = {n: (torch.randn(*shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in names}
         save_file(part, os.path.join(base_dir, f"layer{layer}.safetensors"))

@@ -17,7 +17,7 @@ radix select on the fp32 bit patterns).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .extrapolate import PLS1, Factors, Prediction, _read_json, _write_json, line_fit, r2_in_step
-from .linalg import LowRankSVD, svd_lowrank
+from .linalg import svd_lowrank
 
 __all__ = ["Rank1Tracker", "Observation"]
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import given, strategies as st
 
 import pyrank
 from pyrank.testing import rl_like_pair, rl_like_series, with_spectrum

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import pyrank
-from pyrank import ops
 from pyrank.extrapolate import PLS1, r2_in_step, temporal_coefficients
 from pyrank.testing import random_orthonormal
 
