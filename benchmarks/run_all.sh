@@ -7,3 +7,4 @@ python bench_ops.py
 python bench_svd.py --backends cpu,torch
 python bench_track.py
 python bench_io.py
+python bench_adapters.py

@@ -1,0 +1,85 @@
+"""PiSSA initialization of a bf16 weight: pyrank vs peft's own paths.
+
+peft's ``init_lora_weights="pissa_niter_N"`` calls ``torch.svd_lowrank(W, r, niter=N)`` (fp32,
+no oversampling); plain ``"pissa"`` calls ``torch.linalg.svd``. pyrank.adapters.pissa_init
+computes the top-r triplets with its own SVD to a residual tolerance.
+
+The weight: 4096×11008 bf16 with a slowly decaying (power-law) spectrum, like trained
+weights, plus a noise floor — so consecutive singular values are close and the top-r
+subspace is hard to pin down. Error: ‖P_r − P_r*‖_F / ‖P_r*‖_F for the top-r part P_r =
+U_r S_r V_rᵀ of each method against float64 LAPACK (P_r* = s·B·A for PiSSA).
+
+    python benchmarks/bench_adapters.py                 # ~5 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, machine, markdown_table, timed  # noqa: E402
+
+
+def make_weight(m, n, rank=1024, power=0.6, seed=0):
+    from pyrank.testing import random_orthonormal
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = random_orthonormal(m, rank, g), random_orthonormal(n, rank, g)
+    s = (torch.arange(rank, dtype=torch.float64) + 1) ** -power
+    W = ((a * s) @ b.T).float() + 2e-4 * torch.randn(m, n, generator=g)
+    return (W * (0.02 / float(W.std()))).to(torch.bfloat16)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="4096x11008")
+    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    from pyrank.adapters import pissa_init
+
+    m, n = map(int, args.shape.split("x"))
+    W = make_weight(m, n)
+    print("float64 reference ...", file=sys.stderr, flush=True)
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    rows = []
+    for r in [int(x) for x in args.ranks.split(",")]:
+        ref = (U[:, :r] * S[:r]) @ Vh[:r]
+        refn = float(ref.norm())
+
+        def err(Ur, Sr, Vr):
+            return float(((Ur.double() * Sr.double()) @ Vr.double().T - ref).norm()) / refn
+
+        t, (A, B, _) = timed(lambda: pissa_init(W, r, 2 * r, tol=args.tol), repeats=1)
+        s = 2.0  # lora_alpha / r
+        e = float((s * B.double() @ A.double() - ref).norm()) / refn
+        rows.append(dict(r=r, method=f"pyrank pissa_init (tol {args.tol:g})", time_s=t, err=e))
+        for niter in (4, 16):
+            t, (Ur, Sr, Vr) = timed(lambda: torch.svd_lowrank(W.float(), q=r, niter=niter), repeats=1)
+            rows.append(dict(r=r, method=f"torch.svd_lowrank(niter={niter}) (peft pissa_niter_{niter})",
+                             time_s=t, err=err(Ur, Sr, Vr)))
+        t, (Uf, Sf, Vhf) = timed(lambda: torch.linalg.svd(W.float(), full_matrices=False), repeats=1, warmup=0)
+        rows.append(dict(r=r, method="torch.linalg.svd (peft pissa)", time_s=t,
+                         err=err(Uf[:, :r], Sf[:r], Vhf[:r].T)))
+        base = rows[-4]["time_s"]
+        for x in rows[-3:]:
+            x["x"] = x["time_s"] / base
+        gap = float(S[r - 1] / S[r])
+        for x in rows[-4:]:
+            x["gap"] = gap
+        print(f"r={r} done", file=sys.stderr, flush=True)
+    cols = [("r", "r", "{}"), ("σ_r/σ_r+1", "gap", "{:.3f}"), ("method", "method", "{}"),
+            ("time (s)", "time_s", "{:.2f}"), ("top-r error", "err", "{:.1e}"),
+            ("its time ÷ pyrank's", "x", "{:.2f}")]
+    text = (f"Machine: {machine()}\n\nPiSSA init of a {args.shape} bf16 weight (power-law spectrum "
+            f"σ_i ∝ i^-0.6 over 1024 directions plus noise); one timed run each (the dense SVD takes "
+            f"tens of seconds).\n\n{markdown_table(rows, cols)}\n")
+    emit("bench_adapters", rows, text, not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
