@@ -2,7 +2,7 @@
 
 It is the oracle every other backend is tested against, and the fallback when no
 native backend is available. It still honours pyrank's memory promise: A − B is
-formed one block of rows at a time (about ``_CHUNK_ELEMS`` elements), never as a
+formed one block of rows at a time (``ops.row_blocks``, ~4 Mi elements), never as a
 whole m×n temporary.
 
 Every function receives tensors already validated by :mod:`pyrank.ops`: A and B
@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMS = 1 << 22  # 4 Mi elements = 16 MiB of fp32 per row block
-
-
-def _row_blocks(m: int, n: int):
-    rows = max(1, _CHUNK_ELEMS // max(n, 1))
-    for i in range(0, m, rows):
-        yield i, min(m, i + rows)
+from .ops import row_blocks as _row_blocks
 
 
 def _delta(A, B, i, j, cdtype):
@@ -60,9 +54,7 @@ def delta_gram(As, B, cdtype):
     m, n = As[0].shape
     T = len(As)
     G = torch.zeros(T, T, dtype=torch.float64, device=As[0].device)
-    rows = max(1, _CHUNK_ELEMS // max(T * n, 1))  # T deltas of a row block at a time
-    for i in range(0, m, rows):
-        j = min(m, i + rows)
+    for i, j in _row_blocks(m, T * n):  # T deltas of a block of rows at a time
         D = torch.stack([_delta(A, B, i, j, cdtype).reshape(-1) for A in As])
         G += (D @ D.T).double()
     return G

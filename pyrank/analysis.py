@@ -28,13 +28,7 @@ from .linalg import svd_lowrank
 __all__ = ["update_sparsity", "changed_mask", "principal_angles", "spectral_shift",
            "principal_weight_overlap", "mask_jaccard"]
 
-_CHUNK_ELEMS = 1 << 22
-
-
-def _rows(m: int, n: int):
-    step = max(1, _CHUNK_ELEMS // max(n, 1))
-    for i in range(0, m, step):
-        yield i, min(m, i + step)
+_rows = ops.row_blocks
 
 
 def _changed_block(W0, Wt, i, j, eta):

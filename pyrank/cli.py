@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 
 EXAMPLES = {
@@ -105,27 +104,6 @@ def _build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ shared plumbing
 
 
-_STEP_RE = [re.compile(r"checkpoint-(\d+)$"), re.compile(r"global_step_?(\d+)(_hf)?$")]
-
-
-def _step_of(path: str):
-    from .io.readers import _trainer_step
-
-    p = os.path.normpath(os.path.abspath(path))
-    parts = p.split(os.sep)
-    if parts[-2:] == ["actor", "huggingface"]:  # verl
-        parts = parts[:-2]
-    d = os.sep.join(parts)
-    st = _trainer_step(d) if os.path.isdir(d) else None
-    if st is not None:
-        return st
-    for rx in _STEP_RE:
-        mt = rx.search(parts[-1])
-        if mt:
-            return int(mt.group(1))
-    return None
-
-
 def _series(args):
     """[(step, path)] sorted by step, from --run-dir or the positional checkpoints."""
     from .io import find_checkpoints
@@ -148,9 +126,11 @@ def _series(args):
             if len(steps) != len(args.checkpoints):
                 raise CLIError(f"--steps has {len(steps)} values for {len(args.checkpoints)} checkpoints")
         else:
+            from .io.readers import step_of
+
             steps = []
             for c in args.checkpoints:
-                st = _step_of(c)
+                st = step_of(c)
                 if st is None:
                     raise CLIError(f"{c}: cannot tell its step from the name or trainer_state.json; pass --steps")
                 steps.append(st)
@@ -213,12 +193,14 @@ def _modules(base, args):
 
 def _check_series(base, ckpts, names):
     """Every checkpoint has every module, with the base's shape and dtype (read headers only)."""
+    want = {n: _shape_of(base, n) for n in names}
     for step, path, w in ckpts:
         for n in names:
             if n not in w:
                 raise CLIError(f"{path}: missing module {n!r} (present in the base)")
-            if _shape_of(w, n) != _shape_of(base, n):
-                (s1, d1), (s0, d0) = _shape_of(w, n), _shape_of(base, n)
+            got = _shape_of(w, n)
+            if got != want[n]:
+                (s1, d1), (s0, d0) = got, want[n]
                 raise CLIError(f"{path}: module {n!r} is {list(s1)} {d1}, the base has {list(s0)} {d0}")
 
 
@@ -262,12 +244,10 @@ def _track(base, ckpts, names, args, metrics, with_sparsity=False):
     return tr, sparsity
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|transformer_blocks)\.(\d+)\.")
-
-
 def _layer_type(name):
-    mt = _LAYER.search(name)
-    layer = int(mt.group(1)) if mt else -1
+    from .io.select import layer_index
+
+    layer = layer_index(name)
     typ = name[:-len(".weight")].rsplit(".", 1)[-1] if name.endswith(".weight") else name
     return layer, typ
 
@@ -442,7 +422,7 @@ def _cmd_extrapolate(args) -> int:
 
 
 def _cmd_reconstruct(args) -> int:
-    from .extrapolate import rank_k_reconstruction
+    from .extrapolate import Overlay, rank_k_reconstruction
     from .io import write_hf_dir
     from .io.writers import check_output
 
@@ -452,26 +432,16 @@ def _cmd_reconstruct(args) -> int:
     check_output(args.out, [args.base, args.checkpoint], args.force)
     names = _modules(base, args)
     _check_series(base, [(0.0, args.checkpoint, ck)], names)
-    chosen = set(names)
 
-    class Recon(dict):
-        def __iter__(self):
-            return iter(ck)
-
-        def __len__(self):
-            return len(ck)
-
-        def __getitem__(self, n):
-            if n not in chosen:
-                return ck[n]
-            try:
-                return rank_k_reconstruction(base[n], ck[n], k=args.rank, scale=args.scale,
-                                             norm_match=not args.no_norm_match, backend=args.backend)
-            except ValueError as exc:
-                raise CLIError(f"{args.checkpoint}: module {n!r}: {exc}") from None
+    def recon(n):
+        try:
+            return rank_k_reconstruction(base[n], ck[n], k=args.rank, scale=args.scale,
+                                         norm_match=not args.no_norm_match, backend=args.backend)
+        except ValueError as exc:
+            raise CLIError(f"{args.checkpoint}: module {n!r}: {exc}") from None
 
     prog = _Progress(len(ck), "reconstructing")
-    write_hf_dir(args.out, Recon(), base_dir=args.checkpoint if os.path.isdir(args.checkpoint) else None,
+    write_hf_dir(args.out, Overlay(ck, names, recon), base_dir=args.checkpoint if os.path.isdir(args.checkpoint) else None,
                  inputs=[args.base, args.checkpoint], force=args.force, modified=names,
                  extra_files={"pyrank_reconstruction.json": {"rank": args.rank, "scale": args.scale,
                                                              "norm_match": not args.no_norm_match,

@@ -29,7 +29,7 @@ from . import ops
 from .linalg import svd_lowrank
 
 __all__ = [
-    "r2_in_step", "line_fit", "PLS1", "Factors", "Prediction", "rank_k_reconstruction",
+    "r2_in_step", "line_fit", "PLS1", "Factors", "Prediction", "Overlay", "rank_k_reconstruction",
     "temporal_extrapolate",
 ]
 
@@ -139,7 +139,12 @@ class Prediction:
         missing = [k for k in self.factors if k not in weights]
         if missing:
             raise KeyError(f"the weights lack predicted modules: {missing[:5]}")
-        return _MergedWeights(weights, self.factors, backend)
+        def merged(name):
+            W, f = weights[name], self.factors[name]
+            dev = W.device
+            return ops.merge_lowrank(W, f.U.to(dev), f.S.to(dev), f.V.to(dev), f.alpha, backend=backend)
+
+        return Overlay(weights, self.factors, merged)
 
     def save(self, path: str) -> None:
         """A directory: prediction.json plus factors.safetensors (no pickle)."""
@@ -167,23 +172,25 @@ class Prediction:
         return cls(factors, meta["applies_to"], meta.get("info", {}))
 
 
-class _MergedWeights(Mapping):
-    def __init__(self, weights, factors, backend):
-        self._w, self._f, self._backend = weights, factors, backend
+class Overlay(Mapping):
+    """A lazy view of ``source`` in which the tensors named in ``names`` are computed by
+    ``fn(name)`` when accessed; every other tensor passes through. Iteration, length and
+    membership come from ``source`` (membership never triggers a computation)."""
+
+    def __init__(self, source: Mapping, names, fn):
+        self._src, self._names, self._fn = source, set(names), fn
 
     def __getitem__(self, name):
-        W = self._w[name]
-        f = self._f.get(name)
-        if f is None:
-            return W
-        dev = W.device
-        return ops.merge_lowrank(W, f.U.to(dev), f.S.to(dev), f.V.to(dev), f.alpha, backend=self._backend)
+        return self._fn(name) if name in self._names else self._src[name]
+
+    def __contains__(self, name):
+        return name in self._src
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._w)
+        return iter(self._src)
 
     def __len__(self):
-        return len(self._w)
+        return len(self._src)
 
 
 def rank_k_reconstruction(W0: Tensor, Wt: Tensor, k: int = 1, scale: float = 1.0, norm_match: bool = True,
@@ -224,8 +231,8 @@ def temporal_extrapolate(base: Mapping, checkpoints: Sequence[Mapping], steps: S
         raise ValueError("temporal extrapolation needs at least 2 checkpoints")
     if names is None:
         names = [n for n in base if base[n].dim() == 2 and base[n].is_floating_point()]
-    return _TemporalWeights(base, list(checkpoints), [float(s) for s in steps], float(to_step),
-                            set(names), backend)
+    cks, fsteps = list(checkpoints), [float(s) for s in steps]
+    return Overlay(base, names, lambda n: _temporal_one(n, base, cks, fsteps, float(to_step), backend))
 
 
 def temporal_coefficients(G: Tensor, steps: Sequence[float], to_step: float) -> Tensor:
@@ -244,33 +251,21 @@ def temporal_coefficients(G: Tensor, steps: Sequence[float], to_step: float) -> 
     return c_target * e / s1
 
 
-class _TemporalWeights(Mapping):
-    def __init__(self, base, cks, steps, to_step, names, backend):
-        self._base, self._cks, self._steps, self._to = base, cks, steps, to_step
-        self._names, self._backend = names, backend
-
-    def __getitem__(self, name):
-        W0 = self._base[name]
-        if name not in self._names:
-            return W0
-        Ws = [ck[name] for ck in self._cks]
-        for s, W in zip(self._steps, Ws):
-            if W.shape != W0.shape or W.dtype != W0.dtype:
-                raise ValueError(f"{name} at step {s:g}: shape {tuple(W.shape)} {W.dtype}, base "
-                                 f"has {tuple(W0.shape)} {W0.dtype}")
-        G = ops.delta_gram(Ws, W0, backend=self._backend)
-        beta = temporal_coefficients(G, self._steps, self._to)
-        cd = ops.compute_dtype(W0.dtype)
-        out = W0.to(cd, copy=True)
-        for bt, W in zip(beta.tolist(), Ws):
-            out.add_(W.to(cd) - W0.to(cd), alpha=bt)
-        return out.to(W0.dtype)
-
-    def __iter__(self):
-        return iter(self._base)
-
-    def __len__(self):
-        return len(self._base)
+def _temporal_one(name, base, cks, steps, to_step, backend):
+    """W₀ + Σ_t β_t·ΔW_t for one tensor (fp32 math, one rounding)."""
+    W0 = base[name]
+    Ws = [ck[name] for ck in cks]
+    for s, W in zip(steps, Ws):
+        if W.shape != W0.shape or W.dtype != W0.dtype:
+            raise ValueError(f"{name} at step {s:g}: shape {tuple(W.shape)} {W.dtype}, base "
+                             f"has {tuple(W0.shape)} {W0.dtype}")
+    G = ops.delta_gram(Ws, W0, backend=backend)
+    beta = temporal_coefficients(G, steps, to_step)
+    cd = ops.compute_dtype(W0.dtype)
+    out = W0.to(cd, copy=True)
+    for bt, W in zip(beta.tolist(), Ws):
+        out.add_(W.to(cd) - W0.to(cd), alpha=bt)
+    return out.to(W0.dtype)
 
 
 # ------------------------------------------------------------------ files

@@ -119,6 +119,19 @@ def resolve_backend(backend: str, device: torch.device) -> Tuple[str, object]:
     return backend, mod
 
 
+# ---------------------------------------------------------------- row blocks
+
+ROW_BLOCK_ELEMS = 1 << 22  # 4 Mi elements = 16 MiB of fp32 per block of rows
+
+
+def row_blocks(m: int, n: int):
+    """(start, stop) ranges of rows of an m×n matrix, ~ROW_BLOCK_ELEMS elements each: the
+    chunking of every computation that forms A − B (or a reconstruction) a block at a time."""
+    rows = max(1, ROW_BLOCK_ELEMS // max(n, 1))
+    for i in range(0, m, rows):
+        yield i, min(m, i + rows)
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -169,6 +169,27 @@ def _trainer_step(d: str) -> Optional[int]:
     return None
 
 
+_STEP_NAMES = [re.compile(r"checkpoint-(\d+)$"), re.compile(r"global_step_?(\d+)(_hf)?$")]
+
+
+def step_of(path: str) -> Optional[int]:
+    """The training step of a checkpoint directory or file: ``trainer_state.json``'s
+    ``global_step`` when present, else its name (``checkpoint-N``, ``global_step_N`` — also
+    seen through verl's ``…/actor/huggingface`` — or ``global_stepN_hf``); None if neither says."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if parts[-2:] == ["actor", "huggingface"]:  # verl
+        parts = parts[:-2]
+    d = os.sep.join(parts)
+    st = _trainer_step(d) if os.path.isdir(d) else None
+    if st is not None:
+        return st
+    for rx in _STEP_NAMES:
+        mt = rx.search(parts[-1])
+        if mt:
+            return int(mt.group(1))
+    return None
+
+
 def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
     """[(step, weights directory)] of a training run, sorted by step.
 
@@ -186,8 +207,7 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
             d = os.path.join(run_dir, entry, inner) if inner else os.path.join(run_dir, entry)
             if not os.path.isdir(d):
                 continue
-            step = _trainer_step(os.path.join(run_dir, entry))
-            step = int(mt.group(1)) if step is None else step
+            step = step_of(os.path.join(run_dir, entry))
             if step in found:
                 raise PyrankIOError(f"{run_dir}: two checkpoints claim step {step}: {found[step]} and {d}")
             found[step] = d

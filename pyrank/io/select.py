@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, List, Optional, Sequence
 
-_BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block|decoder_layers|transformer_blocks)\.\d+\.")
+_BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block|decoder_layers|transformer_blocks)\.(\d+)\.")
 _PROJ = re.compile(
     r"\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|query|key|value|query_key_value|wqkv|Wqkv|c_attn|c_proj|"
     r"out_proj|dense|gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|fc_in|fc_out|w1|w2|w3|c_fc|"
@@ -22,6 +22,12 @@ _NEVER = re.compile(r"(embed|lm_head|norm|ln_|layernorm|wte|wpe|rotary|\.bias$)"
 
 def is_default_module(name: str) -> bool:
     return bool(_BLOCK.search(name) and _PROJ.search(name) and not _NEVER.search(name))
+
+
+def layer_index(name: str) -> int:
+    """The block index in a tensor name (``model.layers.3.…`` → 3); -1 outside the blocks."""
+    mt = _BLOCK.search(name)
+    return int(mt.group(3)) if mt else -1
 
 
 def select_modules(names: Iterable[str], include: Optional[Sequence[str]] = None,
