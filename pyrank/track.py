@@ -178,10 +178,11 @@ class Rank1Tracker:
 
     def r2_metric(self, module: str) -> float:
         """AlphaRL's R²: one-component PLS of the metric on û(t), OLS on the score, in sample.
-        NaN when fewer than 3 observed steps have a metric."""
+        NaN when fewer than 3 observed steps have a metric, or when the metric is constant
+        over them (R² is undefined: there is no variance to explain)."""
         h = self.history(module)
         keep = ~torch.isnan(h["metric"])
-        if int(keep.sum()) < 3:
+        if int(keep.sum()) < 3 or float(h["metric"][keep].std()) == 0.0:
             return float("nan")
         return PLS1(h["u_hat"][keep], h["metric"][keep].tolist()).r2
 
@@ -284,7 +285,9 @@ class Rank1Tracker:
                 tensors[key + "::V"], tensors[key + "::res"] = ob.V.contiguous(), ob.residual.contiguous()
                 meta_obs[name][_fmt(step)] = {"fro": ob.fro, "passes": ob.passes, "converged": ob.converged}
             wu, wv = self._warm[name]
-            tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"] = wu.contiguous(), wv.contiguous()
+            # clone: the warm basis may be the very tensors of the last observation (e.g. a
+            # zero update), and safetensors refuses to write shared storage twice
+            tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"] = wu.clone(), wv.clone()
         meta = {"format": _FORMAT, "k": self.k, "tol": self.tol, "backend": self.backend, "seed": self.seed,
                 "shapes": {n: list(s) for n, s in self._shapes.items()},
                 "metrics": {_fmt(s): v for s, v in self._metrics.items()}, "observations": meta_obs}

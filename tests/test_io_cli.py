@@ -234,7 +234,7 @@ def test_reconstruct_writes_rank_k_model(tmp_path, run):
 
 
 def test_help_has_examples():
-    for cmd in ("analyze", "extrapolate", "reconstruct", "env"):
+    for cmd in ("analyze", "extrapolate", "reconstruct", "demo", "env"):
         p = cli(cmd, "--help")
         assert "example" in p.stdout
     assert "available" in cli("env").stdout

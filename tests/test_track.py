@@ -88,6 +88,12 @@ def test_metric_and_step_modes_agree_and_predict_the_truth():
     observe_all(tr, W0, series, metric=metric)
     name = "layer.q_proj.weight"
     assert tr.r2_metric(name) > 0.999
+    for t in tr.steps(name):  # a constant metric explains nothing: R² is undefined, not an error
+        tr.set_metric(t, 0.5)
+    assert math.isnan(tr.r2_metric(name))
+    with pytest.raises(ValueError, match="constant"):
+        tr.extrapolate(target_metric=0.6)
+    observe_all(tr, W0, series, metric=metric)
     window = (10, 40)  # the first 40% of the run
     p_step = tr.extrapolate(to_step=100, window=window, base="initial")
     p_metric = tr.extrapolate(target_metric=metric(100), window=window, base="initial")
@@ -253,3 +259,13 @@ def test_temporal_coefficients_exact_for_rank1_in_time():
     beta = temporal_coefficients(G, [1, 2, 3], 6)
     # Σ β_t ΔW_t = Σ β_t t D  ⇒ Σ β_t t = 6
     assert abs(float(beta @ torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)) - 6.0) < 1e-9
+
+
+def test_save_after_a_zero_update(tmp_path):
+    # A zero ΔW returns the warm basis as the result's own tensors; saving must still work.
+    W0 = torch.randn(6, 5).to(torch.bfloat16)
+    tr = pyrank.Rank1Tracker()
+    tr.observe(1, {"layer.q_proj.weight": W0.clone()}, {"layer.q_proj.weight": W0})
+    tr.save(str(tmp_path / "tr"))
+    back = pyrank.Rank1Tracker.load(str(tmp_path / "tr"))
+    assert float(back.history("layer.q_proj.weight")["sigma"][0, 0]) == 0.0
