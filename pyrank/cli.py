@@ -17,7 +17,9 @@ EXAMPLES = {
     "analyze": """examples:
   pyrank analyze base_model/ run/checkpoint-100 run/checkpoint-200 run/checkpoint-300 --out report/
   pyrank analyze base_model/ --run-dir run/ --metrics acc.csv --k 4 --out report/
-  pyrank analyze base_model/ --run-dir verl_run/ --include 'lm_head' --exclude 'layers\\.0\\.' --out r/""",
+  pyrank analyze base_model/ --run-dir verl_run/ --include 'lm_head' --exclude 'layers\\.0\\.' --out r/
+  pyrank analyze base_model/ --run-dir run/ --resume run/pyrank_tracker --out report/
+  torchrun --nproc-per-node 8 -m pyrank analyze base_model/ --run-dir run/ --out report/""",
     "extrapolate": """examples:
   pyrank extrapolate base/ run/checkpoint-{100,200,300,400} --to-step 1000 --out predicted/
   pyrank extrapolate base/ --run-dir run/ --window 0:400 --metrics acc.csv --target-metric 0.55 --out p/
@@ -65,6 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "report.json, modules.csv and plots.", epilog=EXAMPLES["analyze"],
                        formatter_class=fmt)
     series_args(a)
+    a.add_argument("--resume", metavar="TRACKER_DIR",
+                   help="continue a saved tracker (analyze's tracker/, or Rank1Callback's pyrank_tracker/): "
+                        "its observations are kept and only new checkpoints are analyzed")
     a.set_defaults(func=_cmd_analyze)
 
     e = sub.add_parser("extrapolate", help="AlphaRL: predict a later checkpoint from early ones",
@@ -245,13 +250,24 @@ def _track(base, ckpts, names, args, metrics, with_sparsity=False):
     from .track import Rank1Tracker
 
     tr = Rank1Tracker(k=args.k, backend=args.backend)
+    resume = getattr(args, "resume", None)
+    if resume:  # continue a saved tracker: its observations are kept, the rest are added
+        try:
+            loaded = Rank1Tracker.load(resume)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CLIError(f"{resume}: not a saved pyrank tracker ({exc})") from None
+        if loaded.k != args.k:
+            raise CLIError(f"{resume}: the tracker has k={loaded.k}, but --k is {args.k}")
+        tr = Rank1Tracker.merged([loaded], order=[n for n in names if n in loaded.modules])
+        tr.backend = args.backend
     sparsity = {n: {} for n in names}
     prog = _Progress(len(ckpts) * len(names), "tracking")
     for step, path, w in ckpts:
         for n in names:
             W, W0 = w[n], base[n]
             try:
-                tr.observe(step, {n: W}, {n: W0}, modules=[n])
+                if not (n in tr.modules and step in tr.steps(n)):
+                    tr.observe(step, {n: W}, {n: W0}, modules=[n])
             except ValueError as exc:
                 raise CLIError(f"{path}: {exc}") from None
             if with_sparsity:
@@ -298,11 +314,68 @@ def _prepare(args):
     return base, ckpts, names, metrics, inputs
 
 
-def _cmd_analyze(args) -> int:
+def _numel(weights, name):
+    return math.prod(_shape_of(weights, name)[0])
+
+
+def _on_ranks(world, fn):
+    """Run ``fn()`` on every rank and gather its result; an error on any rank becomes the
+    same CLIError on every rank (so no rank waits forever for the others)."""
+    from .distributed import first_error
+
+    if not world.distributed:
+        return [fn()]
+    try:
+        mine = ("ok", fn())
+    except Exception as exc:
+        msg = str(exc) if isinstance(exc, CLIError) else f"{type(exc).__name__}: {exc}"
+        mine = ("error", f"rank {world.rank}: {msg}")
+    parts = world.all_gather(mine)
+    err = first_error(parts)
+    if err:
+        raise CLIError(err)
+    return [p[1] for p in parts]
+
+
+def _track_sharded(world, base, ckpts, names, args, metrics, with_sparsity=False):
+    """:func:`_track` with the modules split across the ranks by size; rank 0 gets the
+    merged tracker (modules in ``names`` order) and sparsity, the other ranks None."""
+    from .distributed import shard_by_size
+    from .track import Rank1Tracker
+
+    if not world.distributed:
+        return _track(base, ckpts, names, args, metrics, with_sparsity)
+    mine = shard_by_size([(n, _numel(base, n)) for n in names], world.size)[world.rank]
+    parts = _on_ranks(world, lambda: _track(base, ckpts, mine, args, metrics, with_sparsity))
+    if world.rank != 0:
+        return None, None
+    sparsity = {}
+    for _, sp in parts:
+        sparsity.update(sp)
+    return Rank1Tracker.merged([tr for tr, _ in parts], order=names), {n: sparsity[n] for n in names}
+
+
+def _in_world(cmd):
+    """A command run on every torchrun rank (or in one process without torchrun)."""
+    def run(args) -> int:
+        from .distributed import World
+
+        world = World.from_env()
+        try:
+            return cmd(args, world)
+        finally:
+            world.close()
+    return run
+
+
+@_in_world
+def _cmd_analyze(args, world) -> int:
     from .io.writers import atomic_dir, check_output
 
     base, ckpts, names, metrics, inputs = _prepare(args)
-    tr, sparsity = _track(base, ckpts, names, args, metrics, with_sparsity=True)
+    tr, sparsity = _track_sharded(world, base, ckpts, names, args, metrics, with_sparsity=True)
+    if world.rank != 0:
+        return 0
     report = {"base": os.path.abspath(args.base), "k": args.k,
               "checkpoints": [{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts],
               "metrics": {f"{s:g}": v for s, v in metrics.items()}, "selected_modules": names, "modules": {}}
@@ -402,8 +475,40 @@ def _plots(report, d):
     return None
 
 
-def _cmd_extrapolate(args) -> int:
+def _predict_sharded(world, base, ckpts, names, args, metrics, window):
+    """Track and extrapolate each rank's modules; every rank gets the whole Prediction
+    (its factors are small: (m + n) floats per module)."""
+    from .distributed import shard_by_size
+    from .extrapolate import Prediction
+
+    mine = shard_by_size([(n, _numel(base, n)) for n in names], world.size)[world.rank]
+
+    def predict():
+        if not mine:
+            return None
+        tr, _ = _track(base, ckpts, mine, args, metrics)
+        try:
+            return tr.extrapolate(to_step=args.to_step, target_metric=args.target_metric, window=window,
+                                  base=args.base_mode, scale=args.scale)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+
+    preds = [p for p in _on_ranks(world, predict) if p is not None]
+    applies = sorted({p.applies_to for p in preds})
+    if len(applies) != 1:
+        raise CLIError(f"modules end their windows at different checkpoints ({', '.join(applies)}): "
+                       "base='last' needs one checkpoint to apply the prediction to")
+    factors = {}
+    for p in preds:
+        factors.update(p.factors)
+    return Prediction({n: factors[n] for n in names}, applies[0], preds[0].info)
+
+
+@_in_world
+def _cmd_extrapolate(args, world) -> int:
+    from .distributed import shard_by_size
     from .io import write_hf_dir
+    from .io.writers import write_hf_dir_sharded
 
     base, ckpts, names, metrics, inputs = _prepare(args)
     window = None
@@ -416,12 +521,7 @@ def _cmd_extrapolate(args) -> int:
         ckpts = [c for c in ckpts if lo <= c[0] <= hi]  # only the window is read
     if args.target_metric is not None and not metrics:
         raise CLIError("--target-metric needs --metrics")
-    tr, _ = _track(base, ckpts, names, args, metrics)
-    try:
-        pred = tr.extrapolate(to_step=args.to_step, target_metric=args.target_metric, window=window,
-                              base=args.base_mode, scale=args.scale)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    pred = _predict_sharded(world, base, ckpts, names, args, metrics, window)
     if pred.applies_to == "initial":
         src, src_path = base, args.base
     else:
@@ -429,11 +529,18 @@ def _cmd_extrapolate(args) -> int:
         _, src_path, src = next(c for c in ckpts if c[0] == k)
     info = dict(pred.info, base_path=os.path.abspath(args.base), applied_to=os.path.abspath(src_path),
                 modules=names, checkpoints=[{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts])
-    prog = _Progress(len(src), "writing")
-    write_hf_dir(args.out, pred.apply(src, backend=args.backend),
-                 base_dir=src_path if os.path.isdir(src_path) else args.base, inputs=inputs, force=args.force,
-                 modified=names, extra_files={"pyrank_extrapolation.json": _jsonable(info)},
-                 progress=lambda i, n, name: prog.step(name))
+    merged = pred.apply(src, backend=args.backend)
+    kw = dict(base_dir=src_path if os.path.isdir(src_path) else args.base, inputs=inputs, force=args.force,
+              modified=names, extra_files={"pyrank_extrapolation.json": _jsonable(info)})
+    if world.distributed:  # each rank writes its share of the tensors, rank 0 the index
+        mine = shard_by_size([(n, _numel(src, n)) for n in src], world.size)[world.rank]
+        prog = _Progress(len(mine), f"writing (rank {world.rank})")
+        write_hf_dir_sharded(args.out, merged, mine, world, progress=lambda i, n, name: prog.step(name), **kw)
+        if world.rank != 0:
+            return 0
+    else:
+        prog = _Progress(len(src), "writing")
+        write_hf_dir(args.out, merged, progress=lambda i, n, name: prog.step(name), **kw)
     print(f"wrote {args.out}: {len(names)} modules predicted ({pred.info['mode']} mode, base={args.base_mode}), "
           f"applied to {src_path}")
     return 0
@@ -492,6 +599,8 @@ def main(argv=None) -> int:
         from .io import PyrankIOError
         from .ops import BackendUnavailable
 
+        if int(os.environ.get("RANK", "0")) != 0 and not args.debug:
+            return 2  # under torchrun every rank fails alike; rank 0 says why
         if args.debug or not isinstance(exc, (CLIError, PyrankIOError, BackendUnavailable)):
             if args.debug:
                 raise

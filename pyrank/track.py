@@ -269,6 +269,29 @@ class Rank1Tracker:
                 "base": base, "scale": scale, "k": self.k}
         return Prediction(factors, applies_to, info)
 
+    @classmethod
+    def merged(cls, trackers: Sequence["Rank1Tracker"], order: Optional[Sequence[str]] = None) -> "Rank1Tracker":
+        """One tracker from trackers of disjoint module sets (e.g. one per rank), with the
+        modules in ``order`` (default: as found). Settings come from the first; metrics are
+        the union."""
+        if not trackers:
+            raise ValueError("nothing to merge")
+        first = trackers[0]
+        out = cls(k=first.k, tol=first.tol, backend=first.backend, seed=first.seed)
+        owner = {}
+        for tr in trackers:
+            if (tr.k, tr.tol) != (first.k, first.tol):
+                raise ValueError(f"cannot merge trackers with k/tol {tr.k}/{tr.tol} and {first.k}/{first.tol}")
+            for name in tr._obs:
+                if name in owner:
+                    raise ValueError(f"module {name!r} is in two of the trackers to merge")
+                owner[name] = tr
+            out._metrics.update(tr._metrics)
+        for name in (order if order is not None else list(owner)):
+            tr = owner[name]
+            out._obs[name], out._shapes[name], out._warm[name] = tr._obs[name], tr._shapes[name], tr._warm[name]
+        return out
+
     # ------------------------------------------------------------ persistence
 
     def save(self, path: str) -> None:

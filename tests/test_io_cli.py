@@ -193,6 +193,18 @@ def test_analyze_end_to_end(tmp_path, run):
         root / "run" / "checkpoint-20", "--k", 2, "--out", out2)
     rep2 = json.load(open(out2 / "report.json"))
     assert rep2["modules"][n]["steps"] == [10, 20, 30] and len(rep2["modules"][n]["sigma"][0]) == 2
+    # --resume continues that tracker over the whole run: the same as analyzing it in one go
+    cli("analyze", root / "base", "--run-dir", root / "run", "--k", 2, "--resume", out2 / "tracker",
+        "--out", tmp_path / "resumed")
+    cli("analyze", root / "base", "--run-dir", root / "run", "--k", 2, "--out", tmp_path / "whole")
+    a = json.load(open(tmp_path / "resumed" / "report.json"))["modules"]
+    b = json.load(open(tmp_path / "whole" / "report.json"))["modules"]
+    assert a == b
+    _fails(cli("analyze", root / "base", "--run-dir", root / "run", "--resume", out2 / "tracker",
+               "--out", tmp_path / "x", check=False), "k=2", "--k is 1")
+    _fails(cli("analyze", root / "base", "--run-dir", root / "run", "--resume", tmp_path / "nope",
+               "--out", tmp_path / "x", check=False), "not a saved pyrank tracker")
+    assert not (tmp_path / "x").exists()
 
 
 def test_extrapolate_writes_the_predicted_model(tmp_path, run):
