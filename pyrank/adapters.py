@@ -11,11 +11,12 @@ merge kernel).
   of the smaller Gram matrix in float64 (randomized range finders cannot find minor
   components).
 
-peft integration (filling a peft model's LoRA layers) is not built yet.
+* :func:`init_peft_model` — either init for every LoRA layer of a peft model, in place
+  (``peft`` is an optional extra: ``pip install 'pyrank[peft]'``).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +24,7 @@ from torch import Tensor
 from . import ops
 from .linalg import svd_lowrank
 
-__all__ = ["pissa_init", "milora_init"]
+__all__ = ["pissa_init", "milora_init", "init_peft_model"]
 
 
 def _check(W: Tensor, r: int, lora_alpha: float):
@@ -34,8 +35,8 @@ def _check(W: Tensor, r: int, lora_alpha: float):
         raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
 
 
-def _factors(W, U, S, V, r, lora_alpha, backend):
-    s = lora_alpha / r
+def _factors(W, U, S, V, s, backend):
+    """A, B, W_res for scaling s (peft's: lora_alpha / r, or lora_alpha / √r with rsLoRA)."""
     root = torch.sqrt(S.double() / s)
     B = (U.double() * root).to(W.dtype)
     A = (root[:, None] * V.double().T).to(W.dtype)
@@ -47,8 +48,7 @@ def pissa_init(W: Tensor, r: int, lora_alpha: float, *, tol: float = 1e-6,
                backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     """PiSSA: (A, B, W_res) from the top-r singular triplets of W (residuals ≤ ``tol``·σ₁)."""
     _check(W, r, lora_alpha)
-    res = svd_lowrank(W, r, tol=tol, backend=backend)
-    return _factors(W, res.U, res.S, res.V, r, lora_alpha, backend)
+    return _pissa(W, r, lora_alpha / r, tol, backend)
 
 
 def smallest_triplets(W: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -79,6 +79,74 @@ def smallest_triplets(W: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
 def milora_init(W: Tensor, r: int, lora_alpha: float, *, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     """MiLoRA: (A, B, W_res) from the r smallest singular triplets of W (exact, float64)."""
     _check(W, r, lora_alpha)
+    return _milora(W, r, lora_alpha / r, backend)
+
+
+def _milora(W, r, s, backend):
     U, S, V = smallest_triplets(W, r)
     cd = ops.compute_dtype(W.dtype)
-    return _factors(W, U.to(cd), S.to(cd), V.to(cd), r, lora_alpha, backend)
+    return _factors(W, U.to(cd), S.to(cd), V.to(cd), s, backend)
+
+
+def _pissa(W, r, s, tol, backend):
+    res = svd_lowrank(W, r, tol=tol, backend=backend)
+    return _factors(W, res.U, res.S, res.V, s, backend)
+
+
+def init_peft_model(model, method: str = "pissa", *, adapter_name: Optional[str] = None, tol: float = 1e-6,
+                    backend: str = "auto") -> Dict[str, dict]:
+    """Fill every LoRA layer of a peft model with PiSSA or MiLoRA factors, in place.
+
+    For each ``peft`` LoRA layer wrapping a Linear (or GPT-2's Conv1D, ``fan_in_fan_out``):
+    lora_A and lora_B get A and B (in their own dtype) and the base weight becomes W_res
+    (in its dtype, rounded once), with the layer's own scaling (``lora_alpha / r``, or
+    ``lora_alpha / √r`` with rsLoRA) and rank — what peft's ``init_lora_weights="pissa"``
+    does, with pyrank's SVD instead of a full ``torch.linalg.svd``.
+
+    Args:
+        model: a ``peft.PeftModel`` (or a model with peft LoRA layers injected).
+        method: "pissa" (top-r triplets) or "milora" (bottom-r, exact).
+        adapter_name: the adapter to fill (default: every adapter of each layer).
+        tol: PiSSA's SVD tolerance.
+    Returns {module name: {"adapter", "r", "scaling", "shape"}} for every layer filled.
+    Raises ImportError when peft is not installed, ValueError when the model has no LoRA
+    layer or a LoRA layer wraps something other than a Linear.
+    """
+    if method not in ("pissa", "milora"):
+        raise ValueError(f"method must be 'pissa' or 'milora', got {method!r}")
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as exc:
+        raise ImportError("init_peft_model needs peft: pip install 'pyrank[peft]'") from exc
+    done = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        base = layer.get_base_layer()
+        W_param = getattr(base, "weight", None)
+        if W_param is None or W_param.dim() != 2 or (type(base).__name__ not in ("Linear", "Conv1D")):
+            raise ValueError(f"{name}: init_peft_model fills LoRA layers on Linear/Conv1D weights; "
+                             f"this one wraps {type(base).__name__}")
+        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+        for adapter in list(layer.lora_A):
+            if adapter_name is not None and adapter != adapter_name:
+                continue
+            r, s = int(layer.r[adapter]), float(layer.scaling[adapter])
+            with torch.no_grad():
+                W = W_param.data.T if fan_in_fan_out else W_param.data
+                try:
+                    _check(W, r, s)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+                if method == "pissa":
+                    A, B, W_res = _pissa(W, r, s, tol, backend)
+                else:
+                    A, B, W_res = _milora(W, r, s, backend)
+                lA, lB = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                lA.data.copy_(A.to(lA.dtype))
+                lB.data.copy_(B.to(lB.dtype))
+                W_param.data.copy_(W_res.T if fan_in_fan_out else W_res)
+            done[name] = {"adapter": adapter, "r": r, "scaling": s, "shape": list(W.shape)}
+    if not done:
+        raise ValueError("the model has no peft LoRA layer" + (f" with adapter {adapter_name!r}" if adapter_name else ""))
+    return done

@@ -124,3 +124,67 @@ def test_smallest_triplets_match_lapack():
     assert torch.allclose(S0, torch.zeros(3, dtype=torch.float64), atol=1e-7)
     with pytest.raises(ValueError, match="r must be"):
         pissa_init(W.float(), 0, 8)
+
+
+def _peft_model(init_lora_weights=True, use_rslora=False, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lcfg = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                           init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+    return peft.get_peft_model(model, lcfg), original
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_init_peft_model_pissa_matches_peft_and_preserves_the_model(use_rslora):
+    from pyrank.adapters import init_peft_model
+
+    ours, original = _peft_model(use_rslora=use_rslora)
+    done = init_peft_model(ours, "pissa")
+    assert len(done) == 3 * 2 and all(d["r"] == 6 for d in done.values())
+    theirs, _ = _peft_model(init_lora_weights="pissa", use_rslora=use_rslora)  # peft's full-SVD path
+    ids = torch.arange(20)[None] % 64
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    for name, info in done.items():
+        lo = ours.get_submodule(name)
+        lt = theirs.get_submodule(name)
+        s = info["scaling"]
+        assert s == pytest.approx(12 / (6 ** 0.5) if use_rslora else 2.0)
+        BA_o = (lo.lora_B["default"].weight.double() @ lo.lora_A["default"].weight.double()).detach()
+        BA_t = (lt.lora_B["default"].weight.double() @ lt.lora_A["default"].weight.double()).detach()
+        assert torch.allclose(BA_o, BA_t, atol=1e-5 * float(BA_t.norm()))
+        W = original[name.replace("base_model.model.", "") + ".weight"].double()
+        # W_res + s·B·A reproduces W; s·B·A is W's top-6 part (float64 LAPACK)
+        rec = lo.get_base_layer().weight.double() + s * BA_o
+        assert torch.allclose(rec, W, atol=1e-6)
+        U, S, Vh = torch.linalg.svd(W)
+        assert torch.allclose(s * BA_o, (U[:, :6] * S[:6]) @ Vh[:6], atol=1e-5 * float(S[0]))
+
+
+def test_init_peft_model_milora_bf16_and_errors():
+    from pyrank.adapters import init_peft_model
+
+    model, original = _peft_model(dtype=torch.bfloat16)
+    done = init_peft_model(model, "milora")
+    for name, info in done.items():
+        layer = model.get_submodule(name)
+        W0 = original[name.replace("base_model.model.", "") + ".weight"]
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+        BA = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
+        U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
+        want = (U[:, -6:] * S[-6:]) @ Vh[-6:]
+        assert torch.allclose(info["scaling"] * BA, want, atol=0.02 * float(S[-6]))
+        rec = layer.get_base_layer().weight.double() + info["scaling"] * BA
+        assert (rec - W0.double()).abs().max() <= 2 ** -7 * float(W0.double().abs().max())
+    with pytest.raises(ValueError, match="method"):
+        init_peft_model(model, "olora")
+    with pytest.raises(ValueError, match="no peft LoRA layer"):
+        init_peft_model(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="adapter 'other'"):
+        init_peft_model(model, adapter_name="other")
