@@ -8,7 +8,10 @@
 * :func:`principal_weight_overlap` — overlap of the changed mask with the principal
   weights (top-α of |rank-k reconstruction of W₀|) and with the low-magnitude weights
   (bottom-α of |W₀|), each beside its random baseline α.
-* :func:`mask_jaccard` — Jaccard index of two changed masks and its random baseline.
+* :func:`mask_jaccard` — Jaccard index of two changed masks and its random baseline;
+  :func:`update_jaccard` the same for the masks of two updates of one base, blockwise.
+* :func:`diagnostics` — all of the above for one (W₀, W_t) pair, sharing the SVDs (what
+  ``pyrank analyze --diagnostics`` reports per module and checkpoint).
 
 Everything runs a block of rows at a time: no fp32 copy of a whole matrix, and the rank-k
 reconstruction is never held whole (its top-α threshold is found by an exact two-pass
@@ -26,7 +29,7 @@ from . import ops
 from .linalg import svd_lowrank
 
 __all__ = ["update_sparsity", "changed_mask", "principal_angles", "spectral_shift",
-           "principal_weight_overlap", "mask_jaccard"]
+           "principal_weight_overlap", "mask_jaccard", "update_jaccard", "diagnostics"]
 
 _rows = ops.row_blocks
 
@@ -58,28 +61,34 @@ def update_sparsity(W0: Tensor, Wt: Tensor, eta: float = 1e-3) -> float:
     return 1.0 - changed_count(W0, Wt, eta) / total if total else 1.0
 
 
+def _svd(W, k, tol, backend, given=None):
+    return given if given is not None else svd_lowrank(W, k, tol=tol, backend=backend)
+
+
+def _angles(P, Q):
+    c = torch.linalg.svdvals(P.double().cpu().T @ Q.double().cpu()).clamp(0.0, 1.0)
+    return torch.arccos(c).sort().values
+
+
+def _nss(s0, st):
+    s0, st = s0.double().cpu(), st.double().cpu()
+    den = float(s0.norm())
+    return float((st - s0).norm()) / den if den > 0 else float("nan")
+
+
 def principal_angles(W0: Tensor, Wt: Tensor, k: int, *, tol: float = 1e-6,
                      backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Principal angles (radians, ascending, float64) between the top-k left singular
     subspaces of W₀ and W_t, and between the right ones: θ_i = arccos σ_i(U₀ᵀ U_t)."""
     ops.check_weights(Wt, W0, names=("Wt", "W0"))
-    r0 = svd_lowrank(W0, k, tol=tol, backend=backend)
-    rt = svd_lowrank(Wt, k, tol=tol, backend=backend)
-
-    def angles(P, Q):
-        c = torch.linalg.svdvals(P.double().cpu().T @ Q.double().cpu()).clamp(0.0, 1.0)
-        return torch.arccos(c).sort().values
-
-    return angles(r0.U, rt.U), angles(r0.V, rt.V)
+    r0, rt = _svd(W0, k, tol, backend), _svd(Wt, k, tol, backend)
+    return _angles(r0.U, rt.U), _angles(r0.V, rt.V)
 
 
 def spectral_shift(W0: Tensor, Wt: Tensor, k: int, *, tol: float = 1e-6, backend: str = "auto") -> float:
     """NSS = ‖σ_{1..k}(W_t) − σ_{1..k}(W₀)‖₂ / ‖σ_{1..k}(W₀)‖₂."""
     ops.check_weights(Wt, W0, names=("Wt", "W0"))
-    s0 = svd_lowrank(W0, k, tol=tol, backend=backend).S.double().cpu()
-    st = svd_lowrank(Wt, k, tol=tol, backend=backend).S.double().cpu()
-    den = float(s0.norm())
-    return float((st - s0).norm()) / den if den > 0 else float("nan")
+    return _nss(_svd(W0, k, tol, backend).S, _svd(Wt, k, tol, backend).S)
 
 
 # ------------------------------------------------------------------ principal weights
@@ -114,19 +123,20 @@ def _kth_threshold(src, m, n, count: int, largest: bool) -> float:
 
 
 def principal_weight_overlap(W0: Tensor, Wt: Tensor, k: int, alpha: float, eta: float = 1e-3,
-                             *, tol: float = 1e-6, backend: str = "auto") -> dict:
+                             *, tol: float = 1e-6, backend: str = "auto", base_svd=None) -> dict:
     """Overlap of the changed mask M with the principal and the low-magnitude weights.
 
     M_princ: the top-α fraction of entries by |W₀^(k)|, the rank-k SVD reconstruction of W₀;
     M_low: the bottom-α fraction by |W₀|. Overlap(M•, M) = |M• ∩ M| / |M|; the random
     baseline of both is α (their density). Ties at a threshold are all included.
-    Returns {"princ", "low", "baseline", "changed_fraction"}.
+    Returns {"princ", "low", "baseline", "changed_fraction"}. ``base_svd``: W₀'s top-k
+    :class:`LowRankSVD`, if already computed.
     """
     ops.check_weights(Wt, W0, names=("Wt", "W0"))
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     m, n = W0.shape
-    res = svd_lowrank(W0, k, tol=tol, backend=backend)
+    res = _svd(W0, k, tol, backend, base_svd)
     US = (res.U * res.S).float()
     Vt = res.V.float().T
 
@@ -157,3 +167,41 @@ def mask_jaccard(mask_a: Tensor, mask_b: Tensor) -> Tuple[float, float]:
     p, q = float(a.float().mean()), float(b.float().mean())
     den = p + q - p * q
     return j, (p * q / den if den > 0 else float("nan"))
+
+
+def update_jaccard(W0: Tensor, Wa: Tensor, Wb: Tensor, eta: float = 1e-3) -> Tuple[float, float]:
+    """:func:`mask_jaccard` of the changed masks of Wa and Wb against the same W₀, a block of
+    rows at a time (the masks are never held whole)."""
+    ops.check_weights(Wa, W0, names=("Wa", "W0"))
+    ops.check_weights(Wb, W0, names=("Wb", "W0"))
+    inter = union = na = nb = 0
+    for i, j in _rows(*W0.shape):
+        a, b = _changed_block(W0, Wa, i, j, eta), _changed_block(W0, Wb, i, j, eta)
+        inter += int((a & b).sum())
+        union += int((a | b).sum())
+        na += int(a.sum())
+        nb += int(b.sum())
+    total = W0.numel()
+    p, q = na / total, nb / total
+    den = p + q - p * q
+    return (inter / union if union else float("nan")), (p * q / den if den > 0 else float("nan"))
+
+
+def diagnostics(W0: Tensor, Wt: Tensor, k: int = 16, alpha: float = 0.05, eta: float = 1e-3, *,
+                base_svd=None, tol: float = 1e-6, backend: str = "auto") -> dict:
+    """Every §3 diagnostic of one (W₀, W_t) pair, with one top-k SVD of each weight.
+
+    ``base_svd`` (W₀'s top-k :class:`LowRankSVD`) saves recomputing it across checkpoints.
+    Returns {"angle_u_max", "angle_u_mean", "angle_v_max", "angle_v_mean"} (degrees),
+    "nss", "overlap_princ", "overlap_low", "overlap_baseline", "changed_fraction".
+    """
+    ops.check_weights(Wt, W0, names=("Wt", "W0"))
+    k = min(k, *W0.shape)
+    r0 = _svd(W0, k, tol, backend, base_svd)
+    rt = _svd(Wt, k, tol, backend)
+    au, av = _angles(r0.U, rt.U).rad2deg(), _angles(r0.V, rt.V).rad2deg()
+    ov = principal_weight_overlap(W0, Wt, k, alpha, eta, tol=tol, backend=backend, base_svd=r0)
+    return {"angle_u_max": float(au.max()), "angle_u_mean": float(au.mean()),
+            "angle_v_max": float(av.max()), "angle_v_mean": float(av.mean()),
+            "nss": _nss(r0.S, rt.S), "overlap_princ": ov["princ"], "overlap_low": ov["low"],
+            "overlap_baseline": ov["baseline"], "changed_fraction": ov["changed_fraction"]}

@@ -19,6 +19,7 @@ EXAMPLES = {
   pyrank analyze base_model/ --run-dir run/ --metrics acc.csv --k 4 --out report/
   pyrank analyze base_model/ --run-dir verl_run/ --include 'lm_head' --exclude 'layers\\.0\\.' --out r/
   pyrank analyze base_model/ --run-dir run/ --resume run/pyrank_tracker --out report/
+  pyrank analyze base_model/ --run-dir run/ --diagnostics --diag-k 16 --alpha 0.05 --out report/
   torchrun --nproc-per-node 8 -m pyrank analyze base_model/ --run-dir run/ --out report/""",
     "extrapolate": """examples:
   pyrank extrapolate base/ run/checkpoint-{100,200,300,400} --to-step 1000 --out predicted/
@@ -67,6 +68,15 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "report.json, modules.csv and plots.", epilog=EXAMPLES["analyze"],
                        formatter_class=fmt)
     series_args(a)
+    a.add_argument("--diagnostics", action="store_true",
+                   help="also report METHODS §3 per module and checkpoint: principal angles between the top "
+                        "singular subspaces of W0 and Wt, normalized spectral shift, overlap of the changed mask "
+                        "with the principal and the low-magnitude weights, Jaccard with the previous mask")
+    a.add_argument("--diag-k", type=int, default=16, help="k of the diagnostics' SVDs of the weights (default 16)")
+    a.add_argument("--alpha", type=float, default=0.05,
+                   help="density of the principal / low-magnitude weight masks (default 0.05)")
+    a.add_argument("--eta", type=float, default=1e-3,
+                   help="relative change below which a weight counts as unchanged (default 1e-3: bf16 bitwise)")
     a.add_argument("--resume", metavar="TRACKER_DIR",
                    help="continue a saved tracker (analyze's tracker/, or Rank1Callback's pyrank_tracker/): "
                         "its observations are kept and only new checkpoints are analyzed")
@@ -245,8 +255,12 @@ class _Progress:
             print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
-def _track(base, ckpts, names, args, metrics, with_sparsity=False):
-    from .analysis import update_sparsity
+def _track(base, ckpts, names, args, metrics, extras=False):
+    """Track every module over the checkpoints. With ``extras``: per module and step, the
+    bf16 update sparsity, and with ``--diagnostics`` the rest of METHODS §3 (principal
+    angles, NSS, principal-weight overlaps, Jaccard with the previous checkpoint's mask).
+    Returns (tracker, {module: {step: {column: value}}})."""
+    from .analysis import diagnostics, update_jaccard, update_sparsity
     from .track import Rank1Tracker
 
     tr = Rank1Tracker(k=args.k, backend=args.backend)
@@ -260,22 +274,35 @@ def _track(base, ckpts, names, args, metrics, with_sparsity=False):
             raise CLIError(f"{resume}: the tracker has k={loaded.k}, but --k is {args.k}")
         tr = Rank1Tracker.merged([loaded], order=[n for n in names if n in loaded.modules])
         tr.backend = args.backend
-    sparsity = {n: {} for n in names}
+    diag = extras and getattr(args, "diagnostics", False)
+    per = {n: {} for n in names}
+    base_svd = {}
     prog = _Progress(len(ckpts) * len(names), "tracking")
-    for step, path, w in ckpts:
+    for i, (step, path, w) in enumerate(ckpts):
         for n in names:
             W, W0 = w[n], base[n]
             try:
                 if not (n in tr.modules and step in tr.steps(n)):
                     tr.observe(step, {n: W}, {n: W0}, modules=[n])
+                if extras:
+                    cols = {"sparsity": update_sparsity(W0, W, args.eta)}
+                    if diag:
+                        from .linalg import svd_lowrank
+
+                        k = min(args.diag_k, *W0.shape)
+                        if n not in base_svd:
+                            base_svd[n] = svd_lowrank(W0, k, tol=1e-6, backend=args.backend)
+                        cols.update(diagnostics(W0, W, k, args.alpha, args.eta, base_svd=base_svd[n],
+                                                backend=args.backend))
+                        j, jb = update_jaccard(W0, ckpts[i - 1][2][n], W, args.eta) if i else (None, None)
+                        cols.update(jaccard_prev=j, jaccard_baseline=jb)
+                    per[n][step] = cols
             except ValueError as exc:
                 raise CLIError(f"{path}: {exc}") from None
-            if with_sparsity:
-                sparsity[n][step] = update_sparsity(W0, W)
             prog.step(n)
         if step in metrics:
             tr.set_metric(step, metrics[step])
-    return tr, sparsity
+    return tr, per
 
 
 def _layer_type(name):
@@ -337,22 +364,22 @@ def _on_ranks(world, fn):
     return [p[1] for p in parts]
 
 
-def _track_sharded(world, base, ckpts, names, args, metrics, with_sparsity=False):
+def _track_sharded(world, base, ckpts, names, args, metrics, extras=False):
     """:func:`_track` with the modules split across the ranks by size; rank 0 gets the
-    merged tracker (modules in ``names`` order) and sparsity, the other ranks None."""
+    merged tracker (modules in ``names`` order) and extras, the other ranks None."""
     from .distributed import shard_by_size
     from .track import Rank1Tracker
 
     if not world.distributed:
-        return _track(base, ckpts, names, args, metrics, with_sparsity)
+        return _track(base, ckpts, names, args, metrics, extras)
     mine = shard_by_size([(n, _numel(base, n)) for n in names], world.size)[world.rank]
-    parts = _on_ranks(world, lambda: _track(base, ckpts, mine, args, metrics, with_sparsity))
+    parts = _on_ranks(world, lambda: _track(base, ckpts, mine, args, metrics, extras))
     if world.rank != 0:
         return None, None
-    sparsity = {}
-    for _, sp in parts:
-        sparsity.update(sp)
-    return Rank1Tracker.merged([tr for tr, _ in parts], order=names), {n: sparsity[n] for n in names}
+    per = {}
+    for _, p in parts:
+        per.update(p)
+    return Rank1Tracker.merged([tr for tr, _ in parts], order=names), {n: per[n] for n in names}
 
 
 def _in_world(cmd):
@@ -373,10 +400,12 @@ def _cmd_analyze(args, world) -> int:
     from .io.writers import atomic_dir, check_output
 
     base, ckpts, names, metrics, inputs = _prepare(args)
-    tr, sparsity = _track_sharded(world, base, ckpts, names, args, metrics, with_sparsity=True)
+    if args.diagnostics and not (args.diag_k >= 1 and 0 < args.alpha < 1):
+        raise CLIError(f"--diag-k must be >= 1 and --alpha in (0, 1); got {args.diag_k} and {args.alpha}")
+    tr, per = _track_sharded(world, base, ckpts, names, args, metrics, extras=True)
     if world.rank != 0:
         return 0
-    report = {"base": os.path.abspath(args.base), "k": args.k,
+    report = {"base": os.path.abspath(args.base), "k": args.k, "eta": args.eta,
               "checkpoints": [{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts],
               "metrics": {f"{s:g}": v for s, v in metrics.items()}, "selected_modules": names, "modules": {}}
     rows = []
@@ -388,15 +417,22 @@ def _cmd_analyze(args, world) -> int:
             "layer": layer, "type": typ, "shape": list(_shape_of(base, n)[0]), "steps": h["steps"],
             "sigma": h["sigma"].tolist(), "fro": h["fro"].tolist(), "energy": h["energy"].tolist(),
             "drift_u": h["drift_u"].tolist(), "drift_v": h["drift_v"].tolist(),
-            "sparsity": [sparsity[n][s] for s in h["steps"]], "r2_step": r2s, "r2_metric": r2m,
+            "sparsity": [per[n][s]["sparsity"] for s in h["steps"]], "r2_step": r2s, "r2_metric": r2m,
             "passes": h["passes"], "converged": bool((h["residual"] <= tr.tol).all()),
         }
+        if args.diagnostics:
+            report["modules"][n]["diagnostics"] = [
+                {c: v for c, v in per[n][s].items() if c != "sparsity"} for s in h["steps"]]
         for i, s in enumerate(h["steps"]):
             row = {"module": n, "layer": layer, "type": typ, "step": s}
             row.update({f"sigma_{j + 1}": float(h["sigma"][i, j]) for j in range(h["sigma"].shape[1])})
             row.update(fro=float(h["fro"][i]), energy=float(h["energy"][i]), drift_u=float(h["drift_u"][i]),
-                       drift_v=float(h["drift_v"][i]), sparsity=sparsity[n][s], r2_step=r2s, r2_metric=r2m)
+                       drift_v=float(h["drift_v"][i]), r2_step=r2s, r2_metric=r2m)
+            row.update(per[n][s])
             rows.append(row)
+    if args.diagnostics:
+        report["diagnostics"] = {"k": args.diag_k, "alpha": args.alpha, "eta": args.eta,
+                                 "jaccard": "changed mask vs the previous checkpoint's (same base)"}
 
     def fill(d):
         with open(os.path.join(d, "report.json"), "w") as f:
@@ -413,6 +449,8 @@ def _cmd_analyze(args, world) -> int:
     check_output(args.out, inputs, args.force)
     atomic_dir(args.out, fill)
     _print_summary(report)
+    if args.diagnostics:
+        _print_diagnostics(report)
     print(f"wrote {args.out}/report.json, modules.csv, plots and tracker/ ({len(names)} modules × "
           f"{len(ckpts)} checkpoints)")
     return 0
@@ -430,6 +468,34 @@ def _print_summary(report):
         print(f"{typ:<14}{len(ms):>4}{mean([m['sigma'][-1][0] for m in ms]):>12.4g}"
               f"{mean([m['energy'][-1] for m in ms]):>9.3f}{mean([m['r2_step'] for m in ms]):>9.3f}"
               f"{mean([m['r2_metric'] for m in ms]):>11.3f}{mean([m['sparsity'][-1] for m in ms]):>10.3f}")
+
+
+def _type_means(report, fn):
+    """{module type: mean of fn(module) over its layers, NaN/None ignored}."""
+    by_type = {}
+    for m in report["modules"].values():
+        v = fn(m)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            by_type.setdefault(m["type"], []).append(v)
+    return {t: sum(v) / len(v) for t, v in by_type.items()}
+
+
+def _print_diagnostics(report):
+    """The last checkpoint's §3 diagnostics, mean over layers, per module type."""
+    cols = [("angle_u_max", "max∠U (°)"), ("angle_v_max", "max∠V (°)"), ("nss", "NSS"),
+            ("overlap_princ", "∩princ"), ("overlap_low", "∩low"), ("jaccard_prev", "J prev")]
+    means = {c: _type_means(report, lambda m, c=c: m["diagnostics"][-1][c]) for c, _ in cols}
+    base_j = _type_means(report, lambda m: m["diagnostics"][-1]["jaccard_baseline"])
+    d = report["diagnostics"]
+    print(f"\ndiagnostics at the last checkpoint (k={d['k']}, α={d['alpha']}: random overlap = α; "
+          "J prev: Jaccard with the previous checkpoint's changed mask, random baseline in brackets)")
+    print(f"{'module type':<14}" + "".join(f"{h:>11}" for _, h in cols))
+    for typ in sorted(means["nss"]):
+        vals = [means[c].get(typ, float("nan")) for c, _ in cols]
+        line = f"{typ:<14}" + "".join(f"{v:>11.4g}" for v in vals)
+        if typ in base_j:
+            line += f" ({base_j[typ]:.3g})"
+        print(line)
 
 
 def _plots(report, d):
@@ -471,6 +537,24 @@ def _plots(report, d):
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(os.path.join(d, fn), dpi=120)
+        plt.close(fig)
+    if "diagnostics" in report:
+        panels = [("angle_u_max", "max principal angle, U (°)"), ("nss", "normalized spectral shift"),
+                  ("overlap_princ", "overlap with principal weights"), ("overlap_low", "overlap with low-|W0| weights")]
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+        for ax, (key, title) in zip(axes, panels):
+            for typ in types:
+                ms = [m for m in mods.values() if m["type"] == typ]
+                steps = ms[0]["steps"]
+                ys = [sum(m["diagnostics"][i][key] for m in ms) / len(ms) for i in range(len(steps))]
+                ax.plot(steps, ys, marker=".", label=typ)
+            if key.startswith("overlap"):
+                ax.axhline(report["diagnostics"]["alpha"], color="gray", ls="--", lw=0.8, label="random")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "diagnostics.png"), dpi=110)
         plt.close(fig)
     return None
 

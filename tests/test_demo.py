@@ -124,9 +124,9 @@ def test_pyrank_demo_quick_end_to_end(tmp_path):
     assert set(r["module_types"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     for t in r["module_types"].values():
         assert len(t["sigma1"]) == 6 and t["sigma1"][-1] > 0 and 0 < t["energy_final"] <= 1
-    for f in ("training.png", "accuracy.png", "analysis/sigma1.png"):
+    for f in ("training.png", "accuracy.png", "analysis/sigma1.png", "analysis/diagnostics.png"):
         assert (out / f).stat().st_size > 1000, f
-    assert "AlphaRL" in p.stdout and "rank-1 model" in p.stdout
+    assert "AlphaRL" in p.stdout and "rank-1 model" in p.stdout and "∩princ" in p.stdout
     # The run directory is an ordinary training run for the other commands.
     p2 = subprocess.run([sys.executable, "-m", "pyrank", "extrapolate", str(out / "base"), "--run-dir",
                          str(out / "run"), "--window", "0:30", "--to-step", "60", "--out", str(tmp_path / "x")],

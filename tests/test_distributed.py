@@ -60,7 +60,7 @@ def run(tmp_path_factory):
 
 
 def test_torchrun_analyze_equals_single_process(tmp_path, run):
-    args = ["analyze", run / "base", "--run-dir", run / "run", "--k", "2"]
+    args = ["analyze", run / "base", "--run-dir", run / "run", "--k", "2", "--diagnostics", "--diag-k", "4"]
     p1 = single(*args, "--out", tmp_path / "one")
     assert p1.returncode == 0, p1.stderr
     p2 = torchrun("-m", "pyrank", *args, "--out", tmp_path / "two")

@@ -371,3 +371,32 @@ def test_analyze_other_run_layouts_end_to_end(tmp_path, run, layout):
     n = "model.layers.0.mlp.down_proj.weight"
     s1 = float(torch.linalg.svdvals(sds[30][n].double() - base[n].double())[0])
     assert abs(rep["modules"][n]["sigma"][-1][0] - s1) <= 1e-4 * s1
+
+
+def test_analyze_diagnostics_columns_match_the_library(tmp_path, run):
+    from pyrank import analysis
+
+    root, base, sds = run
+    out = tmp_path / "diag"
+    p = cli("analyze", root / "base", "--run-dir", root / "run", "--diagnostics", "--diag-k", 3, "--alpha", 0.1,
+            "--out", out)
+    assert "diagnostics at the last checkpoint" in p.stdout and "∩princ" in p.stdout
+    rep = json.load(open(out / "report.json"))
+    assert rep["diagnostics"]["k"] == 3 and rep["diagnostics"]["alpha"] == 0.1
+    n = "model.layers.0.self_attn.q_proj.weight"
+    d = rep["modules"][n]["diagnostics"]
+    assert len(d) == len(STEPS) and d[0]["jaccard_prev"] is None
+    W0, W1, W2 = base[n], sds[STEPS[1]][n], sds[STEPS[2]][n]
+    want = analysis.diagnostics(W0, W2, 3, 0.1)
+    for key, v in want.items():
+        assert d[2][key] == pytest.approx(v, rel=1e-6, abs=1e-9), key
+    ang_u, _ = analysis.principal_angles(W0, W2, 3)
+    assert d[2]["angle_u_max"] == pytest.approx(float(ang_u.max().rad2deg()), rel=1e-6)
+    j, jb = analysis.mask_jaccard(analysis.changed_mask(W0, W1), analysis.changed_mask(W0, W2))
+    assert d[2]["jaccard_prev"] == pytest.approx(j) and d[2]["jaccard_baseline"] == pytest.approx(jb)
+    header = (out / "modules.csv").read_text().splitlines()[0].split(",")
+    assert {"angle_u_max", "nss", "overlap_princ", "overlap_low", "jaccard_prev"} <= set(header)
+    assert (out / "diagnostics.png").stat().st_size > 1000
+    _fails(cli("analyze", root / "base", "--run-dir", root / "run", "--diagnostics", "--alpha", 1.5,
+               "--out", tmp_path / "x", check=False), "--alpha")
+    assert not (tmp_path / "x").exists()

@@ -5,8 +5,9 @@
 3. RL (GRPO, or HPT) from the base with the verifier's reward, saving a bf16 checkpoint
    every ``save_every`` steps in the transformers ``checkpoint-N/`` layout, and its
    validation accuracy (the metric for AlphaRL's PLS fit) in ``run/val_accuracy.csv``.
-4. ``pyrank analyze`` on the run (the same command a user would type) → σ₁ trajectories,
-   energy fractions, linearity R², bf16 update sparsity.
+4. ``pyrank analyze --diagnostics`` on the run (the same command a user would type) → σ₁
+   trajectories, energy fractions, linearity R², bf16 update sparsity, principal angles,
+   spectral shift, principal-weight overlaps.
 5. Rank-1 dominance: the test accuracy of W₀ + norm-matched rank-1 part of the final
    update (every selected module), vs the final model and the base.
 6. AlphaRL: fit the first ``window`` fraction of the checkpoints and extrapolate to the
@@ -154,9 +155,9 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
 
     # pyrank analyze, exactly as a user would run it on this directory.
     _say(f"[4/5] pyrank analyze {base_dir} --run-dir {run_dir} --metrics {run_dir}/val_accuracy.csv "
-         f"--out {out}/analysis")
-    rc = cli_main(["analyze", base_dir, "--run-dir", run_dir, "--metrics",
-                   os.path.join(run_dir, "val_accuracy.csv"), "--out", os.path.join(out, "analysis")])
+         f"--diagnostics --out {out}/analysis")
+    rc = cli_main(["analyze", base_dir, "--run-dir", run_dir, "--metrics", os.path.join(run_dir, "val_accuracy.csv"),
+                   "--diagnostics", "--out", os.path.join(out, "analysis")])
     if rc != 0:
         raise RuntimeError("pyrank analyze failed on the demo's own run (see the error above)")
     tracker = Rank1Tracker.load(os.path.join(out, "analysis", "tracker"))
