@@ -9,6 +9,9 @@
 // a block of R rows × J columns of A − B to fp32 into an L1-resident buffer, and uses it for
 // every product it was asked for. Vectorization is left to the compiler (`omp simd` loops
 // over contiguous fp32 buffers), which is what lets one source serve every ISA.
+// A 4-row × 4-column register-blocked micro-kernel (GCC vector extensions, vector partial
+// sums kept across chunks) was measured against these one-column sweeps on the 2-core
+// AVX-512 VM: 5–30% slower for k = 16–32 and no faster for k ≤ 8, so the simple form stays.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
