@@ -1,4 +1,4 @@
-"""Run under torchrun by test_distributed.py: TrainingTracker on DDP- and FSDP2-wrapped
+"""Run under torchrun by test_distributed.py: TrainingTracker on DDP-, FSDP2- and FSDP-wrapped
 models (gloo, CPU). Writes <out>/rank<r>.json with what the test checks."""
 import json
 import os
@@ -33,7 +33,7 @@ def train(model, steps, tt, snaps):
 def full_copy(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.clone() for k, v in sd.items()} if rank == 0 else None
 
 
@@ -92,6 +92,23 @@ try:
         result["fsdp_apply_refused"] = "FSDP" in str(exc)
 except Exception as exc:  # reported to the test, which fails on it
     result["fsdp_error"] = f"{type(exc).__name__}: {exc}"
+
+# FSDP (v1) with the original parameters exposed.
+try:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(DemoLM(cfg), device_id=torch.device("cpu"), use_orig_params=True)
+    tt = TrainingTracker()
+    tt.snapshot_base(model)
+    base = full_copy(model)
+    snaps = {}
+    train(model, 3, tt, snaps)
+    if rank == 0:
+        result["fsdp1_offline_equal"] = offline_equal(tt, base, snaps)
+        result["fsdp1_modules"] = len(tt.modules)
+except Exception as exc:
+    result["fsdp1_error"] = f"{type(exc).__name__}: {exc}"
 
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)

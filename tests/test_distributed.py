@@ -99,7 +99,7 @@ def test_torchrun_bad_input_fails_once_and_writes_nothing(tmp_path, run):
     assert not os.path.exists(tmp_path / "x") and os.listdir(tmp_path) == []
 
 
-def test_training_tracker_with_ddp_and_fsdp2(tmp_path):
+def test_training_tracker_with_ddp_fsdp2_and_fsdp(tmp_path):
     p = torchrun(os.path.join(HERE, "dist_tracking_script.py"), tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -111,3 +111,5 @@ def test_training_tracker_with_ddp_and_fsdp2(tmp_path):
     assert r0["fsdp_is_main"] and not r1["fsdp_is_main"]
     assert r0["fsdp_offline_equal"] and r0["fsdp_steps"] == [1.0, 2.0, 3.0]
     assert r0["fsdp_apply_refused"] and r1["fsdp_apply_refused"]
+    assert "fsdp1_error" not in r0, r0["fsdp1_error"]
+    assert r0["fsdp1_offline_equal"] and r0["fsdp1_modules"] == 14

@@ -53,12 +53,15 @@ def _is_sharded(model: nn.Module) -> bool:
 def full_weights(model: nn.Module) -> Optional[Dict[str, Tensor]]:
     """Name → full parameter tensor (detached; no copy for an unsharded model) on rank 0,
     None on the other ranks. For a sharded model this is a collective: every rank must call
-    it, and rank 0 receives a CPU copy of the full state dict."""
+    it; GPU shards are gathered into a CPU copy on rank 0 only."""
     model = unwrap_model(model)
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # GPU shards are gathered into rank 0's CPU memory. CPU shards are gathered without
+        # the offload option: with CPU tensors FSDP1's offload path segfaults (torch 2.13).
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_gpu))
         return sd if _rank() == 0 else None
     if _rank() != 0:
         return None
