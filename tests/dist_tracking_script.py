@@ -38,7 +38,7 @@ def full_copy(model):
 
 
 def offline_equal(tt, base, snaps):
-    off = Rank1Tracker()
+    off = Rank1Tracker(k=tt.tracker.k)
     for s in sorted(snaps):
         off.observe(s, snaps[s], base, modules=tt.modules)
     return all(torch.equal(tt.tracker.history(n)["sigma"], off.history(n)["sigma"]) for n in tt.modules)
@@ -48,7 +48,7 @@ result = {}
 # DDP: every rank holds the weights; rank 0 analyzes; apply_prediction keeps replicas identical.
 torch.manual_seed(0)
 ddp = torch.nn.parallel.DistributedDataParallel(DemoLM(cfg))
-tt = TrainingTracker()
+tt = TrainingTracker(k=2)  # k ≠ the prediction's rank 1: apply_prediction must cope
 tt.snapshot_base(ddp)
 base = full_copy(ddp.module)
 snaps = {}

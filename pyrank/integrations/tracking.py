@@ -28,6 +28,20 @@ def _rank() -> int:
     return d.get_rank() if d.is_available() and d.is_initialized() else 0
 
 
+def _multi_process() -> bool:
+    d = torch.distributed
+    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
+
+
+def _from_rank0(obj):
+    """``obj`` as rank 0 has it, on every rank (itself without torch.distributed)."""
+    if not _multi_process():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel / torch.compile wrappers (FSDP is kept: its
     parameters are gathered by :func:`full_weights`)."""
@@ -111,11 +125,7 @@ class TrainingTracker:
         names = None
         if w is not None:
             names = select_modules(list(w), self.include, self.exclude, shapes=lambda n: tuple(w[n].shape))
-        d = torch.distributed
-        if d.is_available() and d.is_initialized() and d.get_world_size() > 1:
-            box = [names]  # every rank learns the module list (apply_prediction iterates it)
-            d.broadcast_object_list(box, src=0)
-            names = box[0]
+        names = _from_rank0(names)  # every rank learns the module list (apply_prediction iterates it)
         if not names:
             raise ValueError("no parameter selected (default: attention/MLP projections of the repeated "
                              "blocks); pass include=[regex]")
@@ -173,8 +183,8 @@ class TrainingTracker:
             raise NotImplementedError("apply_prediction on an FSDP/DTensor-sharded model is not supported; "
                                       "use `pyrank extrapolate` on saved checkpoints")
         params = dict(inner.named_parameters())
-        d = torch.distributed
-        dist = d.is_available() and d.is_initialized() and d.get_world_size() > 1
+        # the factors' ranks, so every rank can receive them
+        ranks = _from_rank0({n: prediction.factors[n].U.shape[1] for n in self.modules} if self.is_main else None)
         for name in self.modules:
             p = params[name]
             if self.is_main:
@@ -182,12 +192,12 @@ class TrainingTracker:
                 US = (f.U * f.S).float().to(p.device)
                 V, alpha = f.V.float().to(p.device), torch.tensor([f.alpha], dtype=torch.float32, device=p.device)
             else:
-                US = torch.empty(p.shape[0], self.tracker.k, device=p.device)
-                V = torch.empty(p.shape[1], self.tracker.k, device=p.device)
+                US = torch.empty(p.shape[0], ranks[name], device=p.device)
+                V = torch.empty(p.shape[1], ranks[name], device=p.device)
                 alpha = torch.empty(1, device=p.device)
-            if dist:
+            if _multi_process():
                 for t in (US, V, alpha):
-                    d.broadcast(t, src=0)
+                    torch.distributed.broadcast(t, src=0)
             w = p.data
             with torch.no_grad():
                 ops.merge_lowrank(w, US, torch.ones(US.shape[1], device=p.device), V, float(alpha), out=w,
