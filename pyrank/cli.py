@@ -29,7 +29,7 @@ EXAMPLES = {
   pyrank reconstruct base/ run/checkpoint-1000 --rank 1 --out rank1_model/
   pyrank reconstruct base/ run/checkpoint-1000 --rank 1 --scale 0.7 --out rank1_l07/""",
     "demo": """examples:
-  pyrank demo                       # ~2 min on 2 CPU cores, writes pyrank-demo/
+  pyrank demo                       # ~1 min on 2 CPU cores, writes pyrank-demo/
   pyrank demo --quick --out /tmp/d  # < 1 min, smaller run
   pyrank demo --algo hpt --seed 1 --out demo-hpt/""",
     "env": "example:\n  pyrank env",
@@ -261,6 +261,7 @@ def _track(base, ckpts, names, args, metrics, extras=False):
     angles, NSS, principal-weight overlaps, Jaccard with the previous checkpoint's mask).
     Returns (tracker, {module: {step: {column: value}}})."""
     from .analysis import diagnostics, update_jaccard, update_sparsity
+    from .linalg import svd_lowrank
     from .track import Rank1Tracker
 
     tr = Rank1Tracker(k=args.k, backend=args.backend)
@@ -285,18 +286,14 @@ def _track(base, ckpts, names, args, metrics, extras=False):
                 if not (n in tr.modules and step in tr.steps(n)):
                     tr.observe(step, {n: W}, {n: W0}, modules=[n])
                 if extras:
-                    cols = {"sparsity": update_sparsity(W0, W, args.eta)}
-                    if diag:
-                        from .linalg import svd_lowrank
-
-                        k = min(args.diag_k, *W0.shape)
-                        if n not in base_svd:
-                            base_svd[n] = svd_lowrank(W0, k, tol=1e-6, backend=args.backend)
-                        cols.update(diagnostics(W0, W, k, args.alpha, args.eta, base_svd=base_svd[n],
-                                                backend=args.backend))
-                        j, jb = update_jaccard(W0, ckpts[i - 1][2][n], W, args.eta) if i else (None, None)
-                        cols.update(jaccard_prev=j, jaccard_baseline=jb)
-                    per[n][step] = cols
+                    per[n][step] = {"sparsity": update_sparsity(W0, W, args.eta)}
+                if diag:
+                    if n not in base_svd:  # W₀'s top-k serves every checkpoint
+                        base_svd[n] = svd_lowrank(W0, min(args.diag_k, *W0.shape), tol=1e-6, backend=args.backend)
+                    per[n][step].update(diagnostics(W0, W, args.diag_k, args.alpha, args.eta,
+                                                    base_svd=base_svd[n], backend=args.backend))
+                    j, jb = update_jaccard(W0, ckpts[i - 1][2][n], W, args.eta) if i else (None, None)
+                    per[n][step].update(jaccard_prev=j, jaccard_baseline=jb)
             except ValueError as exc:
                 raise CLIError(f"{path}: {exc}") from None
             prog.step(n)
