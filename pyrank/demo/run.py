@@ -103,7 +103,7 @@ def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False
 def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     from ..cli import main as cli_main
     from ..extrapolate import Overlay, rank_k_reconstruction, temporal_extrapolate
-    from ..io import find_checkpoints, open_weights, select_modules
+    from ..io import find_checkpoints, open_weights
     from ..track import Rank1Tracker
 
     t_start = time.perf_counter()
@@ -161,7 +161,9 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     if rc != 0:
         raise RuntimeError("pyrank analyze failed on the demo's own run (see the error above)")
     tracker = Rank1Tracker.load(os.path.join(out, "analysis", "tracker"))
-    names = select_modules(list(base_w), shapes=lambda n: base_w.shape_dtype(n)[0])
+    with open(os.path.join(out, "analysis", "report.json")) as f:
+        analysis = json.load(f)
+    names = analysis["selected_modules"]
 
     # Rank-1 dominance (METHODS §1): W0 + α·σ1·u1·v1ᵀ for every selected module of the final model.
     rank1 = Overlay(final_w, names, lambda n: rank_k_reconstruction(base_w[n], final_w[n], k=1))
@@ -181,7 +183,7 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     acc["temporal"] = acc_of(Overlay(win_w, names, lambda n: temporal[n]), test)
 
     report = _report(st, seed, algo, cfg, n_params, acc, curve, val_acc, steps, n_win, win_step, final_step,
-                     tracker, names, out)
+                     analysis)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -193,15 +195,10 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     return report
 
 
-def _report(st, seed, algo, cfg, n_params, acc, curve, val_acc, steps, n_win, win_step, final_step,
-            tracker, names, out):
-    from ..cli import _layer_type
-
-    rep = json.load(open(os.path.join(out, "analysis", "report.json")))
+def _report(st, seed, algo, cfg, n_params, acc, curve, val_acc, steps, n_win, win_step, final_step, analysis):
     by_type = {}
-    for n in names:
-        m = rep["modules"][n]
-        by_type.setdefault(_layer_type(n)[1], []).append(m)
+    for m in analysis["modules"].values():
+        by_type.setdefault(m["type"], []).append(m)
 
     def mean(xs):
         xs = [x for x in xs if x is not None]
