@@ -22,6 +22,14 @@ def report() -> str:
         lines.append(f"triton        {triton.__version__}")
     except ImportError:
         lines.append("triton        not installed (pip install 'pyrank[triton]')")
+    from importlib import metadata
+
+    for pkg, extra, what in (("transformers", "transformers", "Rank1Callback"),
+                             ("peft", "peft", "adapters.init_peft_model")):
+        try:  # the version only: importing transformers here would cost seconds
+            lines.append(f"{pkg:<13} {metadata.version(pkg)} ({what})")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{pkg:<13} not installed ({what} needs pip install 'pyrank[{extra}]')")
     if torch.cuda.is_available():
         lines.append(f"cuda device   {torch.cuda.get_device_name(0)}")
     else:
@@ -40,10 +48,8 @@ def report() -> str:
     lines.append("backends:")
     for name, reason in ops.backend_status().items():
         lines.append(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
-    import torch as _t
-
-    cpu_auto = ops.resolve_backend("auto", _t.device("cpu"))[0]
+    cpu_auto = ops.resolve_backend("auto", torch.device("cpu"))[0]
     lines.append(f"auto picks    {cpu_auto} for CPU tensors"
-                 + (f", {ops.resolve_backend('auto', _t.device('cuda'))[0]} for CUDA tensors"
-                    if _t.cuda.is_available() else ""))
+                 + (f", {ops.resolve_backend('auto', torch.device('cuda'))[0]} for CUDA tensors"
+                    if torch.cuda.is_available() else ""))
     return "\n".join(lines)
