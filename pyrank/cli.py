@@ -60,6 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="skip tensors whose name matches (repeatable)")
         sp.add_argument("--k", type=int, default=1, help="singular triplets per module (default 1)")
         sp.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the math runs: auto = the CUDA device if there is one (Triton kernels), "
+                             "else the CPU (C++ kernels); weights are moved one tensor at a time")
         sp.add_argument("--out", required=need_out, help="output directory (must not exist, unless --force)")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -109,6 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--include", action="append", default=[], metavar="REGEX")
     r.add_argument("--exclude", action="append", default=[], metavar="REGEX")
     r.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = the CUDA device if there is one, else the CPU")
     r.add_argument("--out", required=True)
     r.add_argument("--force", action="store_true")
     r.set_defaults(func=_cmd_reconstruct)
@@ -201,10 +206,25 @@ def _read_metrics(path, steps):
     return metrics
 
 
-def _open(path):
-    from .io import open_weights
+def _device(args):
+    """--device: 'auto' is the current CUDA device when there is one (the Triton kernels then
+    run on the GPU), else the CPU. Weights are read to the CPU and moved one at a time."""
+    import torch
 
-    return open_weights(path)
+    want = getattr(args, "device", "cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    return torch.device(want, torch.cuda.current_device()) if want == "cuda" else torch.device("cpu")
+
+
+def _open(path, device=None):
+    from .io import open_weights
+    from .io.readers import OnDevice
+
+    w = open_weights(path)
+    return OnDevice(w, device) if device is not None and device.type != "cpu" else w
 
 
 def _shape_of(weights, name):
@@ -327,13 +347,14 @@ def _prepare(args):
     """Everything validated before any output exists: paths, steps, metrics, modules, shapes."""
     from .io.writers import check_output
 
-    base = _open(args.base)
+    dev = _device(args)
+    base = _open(args.base, dev)
     series = _series(args)
     inputs = [args.base] + [p for _, p in series] + ([args.run_dir] if args.run_dir else [])
     check_output(args.out, inputs, args.force)
     metrics = _read_metrics(args.metrics, [s for s, _ in series]) if args.metrics else {}
     names = _modules(base, args)
-    ckpts = [(float(s), p, _open(p)) for s, p in series]
+    ckpts = [(float(s), p, _open(p, dev)) for s, p in series]
     _check_series(base, ckpts, names)
     return base, ckpts, names, metrics, inputs
 
@@ -634,7 +655,8 @@ def _cmd_reconstruct(args) -> int:
 
     if args.rank < 1:
         raise CLIError(f"--rank must be >= 1, got {args.rank}")
-    base, ck = _open(args.base), _open(args.checkpoint)
+    dev = _device(args)
+    base, ck = _open(args.base, dev), _open(args.checkpoint, dev)
     check_output(args.out, [args.base, args.checkpoint], args.force)
     names = _modules(base, args)
     _check_series(base, [(0.0, args.checkpoint, ck)], names)

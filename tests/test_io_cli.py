@@ -273,6 +273,9 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, run):
     _fails(cli("analyze", tmp_path / "nope", *ck, "--out", out, check=False), "nope", "no such file")
     os.makedirs(tmp_path / "empty")
     _fails(cli("analyze", tmp_path / "empty", *ck, "--out", out, check=False), "empty", "no weights found")
+    if not torch.cuda.is_available():  # --device cuda where there is none: said, not crashed
+        _fails(cli("analyze", root / "base", *ck, "--device", "cuda", "--out", out, check=False),
+               "--device cuda", "no CUDA device")
     # a checkpoint missing a module; a different shape; a different dtype
     for kind in ("missing", "shape", "dtype"):
         sd = dict(sds[20])
@@ -401,3 +404,15 @@ def test_analyze_diagnostics_columns_match_the_library(tmp_path, run):
     _fails(cli("analyze", root / "base", "--run-dir", root / "run", "--diagnostics", "--alpha", 1.5,
                "--out", tmp_path / "x", check=False), "--alpha")
     assert not (tmp_path / "x").exists()
+
+
+def test_on_device_view_moves_each_tensor_and_passes_metadata_through(run):
+    from pyrank.io.readers import OnDevice
+
+    root, base, _ = run
+    w = pyrank.io.open_weights(str(root / "base"))
+    v = OnDevice(w, torch.device("meta"))
+    n = "model.layers.0.self_attn.q_proj.weight"
+    assert v[n].device.type == "meta" and v[n].shape == base[n].shape
+    assert v.shape_dtype(n) == w.shape_dtype(n) and v.source == w.source and v.file_of(n) == w.file_of(n)
+    assert list(v) == list(w) and len(v) == len(w) and n in v and "nope" not in v

@@ -67,6 +67,31 @@ class LazyWeights(Mapping):
         return len(self._files)
 
 
+class OnDevice(Mapping):
+    """A view of ``weights`` whose tensors are moved to ``device`` as they are read (one at a
+    time, like the mapping it wraps); ``shape_dtype``, ``source`` and ``file_of`` pass through."""
+
+    def __init__(self, weights: Mapping, device):
+        self._w, self.device = weights, device
+
+    def __getitem__(self, name):
+        return self._w[name].to(self.device)
+
+    def __getattr__(self, attr):  # shape_dtype, source, file_of of the wrapped mapping
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._w, attr)
+
+    def __contains__(self, name):
+        return name in self._w
+
+    def __iter__(self):
+        return iter(self._w)
+
+    def __len__(self):
+        return len(self._w)
+
+
 class _EagerWeights(dict):
     """A state dict loaded whole (``.pt``/``.bin``: pickle-based formats cannot be read lazily)."""
 

@@ -95,7 +95,7 @@ def _write_shards(tmp: str, weights: Mapping, names, prefix: str, max_shard_byte
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
-        current[name] = t.contiguous()
+        current[name] = t.detach().cpu().contiguous()  # a no-op for CPU tensors
         size += nbytes
         if progress:
             progress(i + 1, len(names), name)
