@@ -150,8 +150,12 @@ class TrainingTracker:
         self._steps.add(float(step))  # on every rank, so every rank agrees on what was observed
         if w is None:
             return None
+        out = {}
         with torch.no_grad():
-            out = self.tracker.observe(step, w, self.base, metric=metric, modules=self.modules)
+            for n in self.modules:  # one module at a time: a CPU base visits the GPU tensor by tensor
+                W, W0 = w[n], self.base[n]
+                out.update(self.tracker.observe(step, {n: W}, {n: W0.to(W.device, non_blocking=True)},
+                                                metric=metric, modules=[n]))
         logger.info("pyrank: observed %d modules at step %s (%d SVD passes)", len(out), step,
                     sum(o.passes for o in out.values()))
         return out
