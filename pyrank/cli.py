@@ -540,14 +540,22 @@ def _plots(report, d):
     fig.tight_layout()
     fig.savefig(os.path.join(d, "sigma1.png"), dpi=120)
     plt.close(fig)
-    for key, title, fn in (("energy", "energy fraction σ1²/‖ΔW‖² (last step)", "energy_heatmap.png"),
-                           ("r2_step", "R² of û(t) linear in step", "r2_heatmap.png")):
+    heatmaps = [(lambda m: m["energy"][-1], "energy fraction σ1²/‖ΔW‖² (last step)", "energy_heatmap.png", 1),
+                (lambda m: m["r2_step"], "R² of û(t) linear in step", "r2_heatmap.png", 1)]
+    if "diagnostics" in report:  # per layer: the last checkpoint's overlap with the principal weights
+        alpha = report["diagnostics"]["alpha"]
+        def princ(m):  # None (JSON for NaN) when nothing changed
+            v = m["diagnostics"][-1]["overlap_princ"]
+            return None if v is None else v / alpha
+        heatmaps.append((princ,
+                         "overlap with principal weights ÷ random (last step)", "principal_overlap_heatmap.png", 2))
+    for get, title, fn, vmax in heatmaps:
         grid = [[float("nan")] * len(types) for _ in layers]
         for m in mods.values():
-            v = m[key][-1] if key == "energy" else m[key]
+            v = get(m)
             grid[layers.index(m["layer"])][types.index(m["type"])] = float("nan") if v is None else v
         fig, ax = plt.subplots(figsize=(1 + 0.8 * len(types), 1 + 0.3 * len(layers)))
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
         ax.set_ylabel("layer")

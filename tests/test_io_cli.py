@@ -401,6 +401,7 @@ def test_analyze_diagnostics_columns_match_the_library(tmp_path, run):
     header = (out / "modules.csv").read_text().splitlines()[0].split(",")
     assert {"angle_u_max", "nss", "overlap_princ", "overlap_low", "jaccard_prev"} <= set(header)
     assert (out / "diagnostics.png").stat().st_size > 1000
+    assert (out / "principal_overlap_heatmap.png").stat().st_size > 1000
     _fails(cli("analyze", root / "base", "--run-dir", root / "run", "--diagnostics", "--alpha", 1.5,
                "--out", tmp_path / "x", check=False), "--alpha")
     assert not (tmp_path / "x").exists()
