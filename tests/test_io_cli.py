@@ -417,3 +417,21 @@ def test_on_device_view_moves_each_tensor_and_passes_metadata_through(run):
     assert v[n].device.type == "meta" and v[n].shape == base[n].shape
     assert v.shape_dtype(n) == w.shape_dtype(n) and v.source == w.source and v.file_of(n) == w.file_of(n)
     assert list(v) == list(w) and len(v) == len(w) and n in v and "nope" not in v
+
+
+def test_analyze_diagnostics_with_an_unchanged_checkpoint(tmp_path, run):
+    # A checkpoint equal to the base: ΔW = 0 everywhere; σ = 0, nothing changed (overlaps
+    # undefined → null), plots and tracker still written.
+    root, base, sds = run
+    same = tmp_path / "run" / "checkpoint-5"
+    write_model(str(same), base)
+    out = tmp_path / "rep"
+    cli("analyze", root / "base", same, root / "run" / "checkpoint-10", "--diagnostics", "--diag-k", 2,
+        "--out", out)
+    rep = json.load(open(out / "report.json"))
+    m = rep["modules"]["model.layers.0.mlp.up_proj.weight"]
+    assert m["steps"] == [5, 10] and m["sigma"][0] == [0.0] and m["sparsity"][0] == 1.0
+    d0 = m["diagnostics"][0]
+    assert d0["overlap_princ"] is None and d0["nss"] == 0.0 and d0["changed_fraction"] == 0.0
+    assert m["diagnostics"][1]["jaccard_prev"] == 0.0
+    assert (out / "principal_overlap_heatmap.png").exists() and (out / "tracker" / "tracker.json").exists()
