@@ -72,6 +72,8 @@ def test_checkpoints_are_bf16_hf_dirs_that_pyrank_reads(tmp_path):
     m = _tiny_model()
     save_checkpoint(m, str(tmp_path / "run" / "checkpoint-7"), {"global_step": 7})
     assert find_checkpoints(str(tmp_path / "run")) == [(7, str(tmp_path / "run" / "checkpoint-7"))]
+    cfg = json.loads((tmp_path / "run" / "checkpoint-7" / "config.json").read_text())
+    assert DemoConfig.from_hf(cfg) == m.config  # the config.json rebuilds the model to load it into
     w = open_weights(str(tmp_path / "run" / "checkpoint-7"))
     assert all(w[n].dtype == torch.bfloat16 for n in w)
     names = select_modules(list(w), shapes=lambda n: w.shape_dtype(n)[0])
