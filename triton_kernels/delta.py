@@ -237,6 +237,13 @@ def _gram_kernel(p_rows, p_cols, p_b, p_part, N, TR, TC, HAS_B: tl.constexpr, SA
     tl.store(p_part + pid * TB * TB + t[:, None] * TB + t[None, :], acc)
 
 
+if not INTERPRET:  # the element chunk per iteration and the warps; the grid does not depend on them
+    _gram_kernel = triton.autotune(
+        configs=[triton.Config({"BK": 128}, num_warps=4), triton.Config({"BK": 256}, num_warps=4),
+                 triton.Config({"BK": 512}, num_warps=8)],
+        key=["N", "TR", "TC", "HAS_B", "SAME"],
+    )(_gram_kernel)
+
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _GRAM_TB = 16  # checkpoints per Gram block: tl.dot's smallest tile
 
@@ -248,8 +255,8 @@ def _gram_fused(As, B) -> torch.Tensor:
     T, dev = len(As), As[0].device
     N = As[0].numel()
     table = torch.tensor([a.data_ptr() for a in As], dtype=torch.int64, device=dev)
-    P, BK = (2, 64) if INTERPRET else (4 * _sm_count(dev), 256)
-    P = max(1, min(P, triton.cdiv(N, BK)))
+    P = 2 if INTERPRET else max(1, min(4 * _sm_count(dev), triton.cdiv(N, 512)))
+    meta = {"BK": 64} if INTERPRET else {}  # autotuned on a GPU
     TB = _GRAM_TB
     G = torch.zeros(T, T, dtype=torch.float64, device=dev)
     Bp = B if B is not None else As[0]
@@ -258,7 +265,7 @@ def _gram_fused(As, B) -> torch.Tensor:
             ti, tj = min(TB, T - i0), min(TB, T - j0)
             part = torch.empty(P, TB, TB, dtype=torch.float32, device=dev)
             _gram_kernel[(P,)](table[i0:], table[j0:], Bp, part, N, ti, tj, HAS_B=B is not None,
-                               SAME=i0 == j0, TB=TB, BK=BK, DTYPE=_TL_DTYPE[As[0].dtype])
+                               SAME=i0 == j0, TB=TB, DTYPE=_TL_DTYPE[As[0].dtype], **meta)
             blk = part.double().sum(0)[:ti, :tj]
             G[i0:i0 + ti, j0:j0 + tj] = blk
             G[j0:j0 + tj, i0:i0 + ti] = blk.T
