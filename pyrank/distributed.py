@@ -63,6 +63,23 @@ class World:
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
+    def on_all(self, fn, describe) -> Tuple[List[Any], Optional[str]]:
+        """``fn()`` on every rank; returns (every rank's result in rank order, None), or
+        ([], message) on every rank when any rank raised — ``describe(exc)`` of the first
+        one — so no rank waits forever for a failed one. Without torchrun, ``fn()``'s own
+        exception propagates."""
+        if not self.distributed:
+            return [fn()], None
+        try:
+            mine = ("ok", fn())
+        except Exception as exc:
+            mine = ("error", describe(exc))
+        parts = self.all_gather(mine)
+        for status, value in parts:
+            if status == "error":
+                return [], value
+        return [value for _, value in parts], None
+
     def close(self) -> None:
         if self._owns:
             import torch.distributed as dist
@@ -82,11 +99,3 @@ def shard_by_size(items: Sequence[Tuple[str, int]], world: int) -> List[List[str
         owner[name] = r
         load[r] += cost
     return [[n for n, _ in items if owner[n] == r] for r in range(world)]
-
-
-def first_error(results: Sequence[Any]) -> Optional[str]:
-    """The first ("error", message) among gathered (status, …) tuples, else None."""
-    for res in results:
-        if res[0] == "error":
-            return res[1]
-    return None

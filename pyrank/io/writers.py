@@ -168,8 +168,6 @@ def write_hf_dir_sharded(out_dir: str, weights: Mapping, my_names: Sequence[str]
     directory, rank 0 the index and the copied files, and renames it into place when every
     rank succeeded. Every rank must call it; every rank raises the same error on failure,
     and then nothing is left behind. The directory needs a filesystem all ranks share."""
-    from ..distributed import first_error
-
     out_dir = os.path.abspath(out_dir)
     check_output(out_dir, inputs, force)
     modified = set(modified)
@@ -177,16 +175,13 @@ def write_hf_dir_sharded(out_dir: str, weights: Mapping, my_names: Sequence[str]
     # The collectives, in order, on every rank: (1) rank 0's temporary directory (None if
     # it could not make one), (2) each rank's shards or error, (3) rank 0's final status.
     def rank_shards(tmp):
-        try:
-            mine = ("ok", _write_shards(tmp, weights, my_names, f"rank{world.rank:05d}-", max_shard_bytes,
-                                        modified, progress))
-        except Exception as exc:
-            mine = ("error", str(_io_error(out_dir, exc)))
-        parts = world.all_gather(mine)
-        err = first_error(parts)
+        parts, err = world.on_all(
+            lambda: _write_shards(tmp, weights, my_names, f"rank{world.rank:05d}-", max_shard_bytes, modified,
+                                  progress),
+            lambda exc: str(_io_error(out_dir, exc)))
         if err:
             raise PyrankIOError(err)
-        return [sh for _, shards in parts for sh in shards]
+        return [sh for shards in parts for sh in shards]
 
     if world.rank == 0:
         shared = [False]
