@@ -162,11 +162,14 @@ def mask_jaccard(mask_a: Tensor, mask_b: Tensor) -> Tuple[float, float]:
     if mask_a.shape != mask_b.shape:
         raise ValueError(f"masks differ in shape: {tuple(mask_a.shape)} vs {tuple(mask_b.shape)}")
     a, b = mask_a.bool(), mask_b.bool()
-    union = int((a | b).sum())
-    j = int((a & b).sum()) / union if union else float("nan")
-    p, q = float(a.float().mean()), float(b.float().mean())
+    return _jaccard(int((a & b).sum()), int((a | b).sum()), int(a.sum()), int(b.sum()), a.numel())
+
+
+def _jaccard(inter: int, union: int, na: int, nb: int, total: int) -> Tuple[float, float]:
+    """J = |a ∩ b| / |a ∪ b| and its random baseline pq/(p + q − pq) from the counts."""
+    p, q = na / total, nb / total
     den = p + q - p * q
-    return j, (p * q / den if den > 0 else float("nan"))
+    return (inter / union if union else float("nan")), (p * q / den if den > 0 else float("nan"))
 
 
 def update_jaccard(W0: Tensor, Wa: Tensor, Wb: Tensor, eta: float = 1e-3) -> Tuple[float, float]:
@@ -181,10 +184,7 @@ def update_jaccard(W0: Tensor, Wa: Tensor, Wb: Tensor, eta: float = 1e-3) -> Tup
         union += int((a | b).sum())
         na += int(a.sum())
         nb += int(b.sum())
-    total = W0.numel()
-    p, q = na / total, nb / total
-    den = p + q - p * q
-    return (inter / union if union else float("nan")), (p * q / den if den > 0 else float("nan"))
+    return _jaccard(inter, union, na, nb, W0.numel())
 
 
 def diagnostics(W0: Tensor, Wt: Tensor, k: int = 16, alpha: float = 0.05, eta: float = 1e-3, *,

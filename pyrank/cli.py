@@ -305,15 +305,17 @@ def _track(base, ckpts, names, args, metrics, extras=False):
             try:
                 if not (n in tr.modules and step in tr.steps(n)):
                     tr.observe(step, {n: W}, {n: W0}, modules=[n])
-                if extras:
-                    per[n][step] = {"sparsity": update_sparsity(W0, W, args.eta)}
                 if diag:
                     if n not in base_svd:  # W₀'s top-k serves every checkpoint
                         base_svd[n] = svd_lowrank(W0, min(args.diag_k, *W0.shape), tol=1e-6, backend=args.backend)
-                    per[n][step].update(diagnostics(W0, W, args.diag_k, args.alpha, args.eta,
-                                                    base_svd=base_svd[n], backend=args.backend))
+                    d = diagnostics(W0, W, args.diag_k, args.alpha, args.eta, base_svd=base_svd[n],
+                                    backend=args.backend)
                     j, jb = update_jaccard(W0, ckpts[i - 1][2][n], W, args.eta) if i else (None, None)
-                    per[n][step].update(jaccard_prev=j, jaccard_baseline=jb)
+                    # the diagnostics counted the changed weights already: no second read for the sparsity
+                    per[n][step] = dict({"sparsity": 1.0 - d["changed_fraction"]}, **d, jaccard_prev=j,
+                                        jaccard_baseline=jb)
+                elif extras:
+                    per[n][step] = {"sparsity": update_sparsity(W0, W, args.eta)}
             except ValueError as exc:
                 raise CLIError(f"{path}: {exc}") from None
             prog.step(n)
@@ -366,20 +368,14 @@ def _numel(weights, name):
 def _on_ranks(world, fn):
     """Run ``fn()`` on every rank and gather its result; an error on any rank becomes the
     same CLIError on every rank (so no rank waits forever for the others)."""
-    from .distributed import first_error
-
-    if not world.distributed:
-        return [fn()]
-    try:
-        mine = ("ok", fn())
-    except Exception as exc:
+    def describe(exc):
         msg = str(exc) if isinstance(exc, CLIError) else f"{type(exc).__name__}: {exc}"
-        mine = ("error", f"rank {world.rank}: {msg}")
-    parts = world.all_gather(mine)
-    err = first_error(parts)
+        return f"rank {world.rank}: {msg}"
+
+    results, err = world.on_all(fn, describe)
     if err:
         raise CLIError(err)
-    return [p[1] for p in parts]
+    return results
 
 
 def _track_sharded(world, base, ckpts, names, args, metrics, extras=False):

@@ -72,8 +72,8 @@ class Rank1Callback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if self.tracking.every_n_steps is not None and step % self.tracking.every_n_steps == 0:
-            self.tracking.step(model, step, force=True)
+        if self.tracking.every_n_steps is not None:  # None here means: only at saves
+            self.tracking.step(model, step)
         if self.extrapolate_at is not None and step == self.extrapolate_at:
             self._extrapolate(model, step)
         return control
