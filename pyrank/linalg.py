@@ -29,6 +29,7 @@ k = 8, subspace iteration 7 and more than 40. Passes are what cost.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
@@ -339,23 +340,62 @@ def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowR
 
 
 def torch_svd_lowrank(
-    A: Tensor, q: Optional[int] = 6, niter: int = 2, M: Optional[Tensor] = None, *, tol: float = 1e-4,
-    backend: str = "auto",
+    A: Tensor, q: Optional[int] = 6, niter: Optional[int] = 2, M: Optional[Tensor] = None, *,
+    tol: float = 1e-4, backend: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Drop-in for ``torch.svd_lowrank(A, q, niter, M)``: returns ``(U, S, V)``.
 
-    Same arguments and return convention (U: (m, q), S: (q,), V: (n, q), A ≈ M + U·diag(S)·Vᵀ),
-    computed by :func:`svd_lowrank` with ``base=M``. ``q`` is the rank returned (clipped
-    to min(m, n)); ``niter`` is accepted for compatibility only — pyrank iterates until
-    every residual is ≤ ``tol`` instead. Only 2-D A and a full (m, n) M are supported.
+    Same arguments and return convention: A is (*, m, n); M (optional) is anything that
+    broadcasts to A's shape, as in torch — a full (*, m, n) base, or a (1, n) column mean
+    for PCA-style centering (``M=A.mean(-2, keepdim=True)``), which is read through a
+    broadcast view and never expanded in memory. Returns U: (*, m, q), S: (*, q),
+    V: (*, n, q) with A − M ≈ U·diag(S)·Vᵀ, computed matrix by matrix by
+    :func:`svd_lowrank` with ``base=M``.
+
+    ``q`` is the rank returned (clipped to min(m, n)); ``niter`` is accepted for
+    compatibility only — pyrank iterates until every residual is ≤ ``tol`` instead.
     Results are in A's dtype for float32/float64 A, float32 for bf16/fp16 A (which
-    torch.svd_lowrank does not accept at all).
+    torch.svd_lowrank does not accept at all). M must have A's dtype (torch's matmuls
+    require that too). Sparse A is not supported.
     """
-    if isinstance(A, Tensor) and A.dim() != 2:
-        raise ValueError(f"pyrank.torch_svd_lowrank supports 2-D A only, got shape {tuple(A.shape)}")
-    if not isinstance(niter, int) or niter < 0:
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.layout != torch.strided:
+        raise TypeError(f"pyrank.torch_svd_lowrank takes dense A, got layout {A.layout}")
+    if A.dim() < 2:
+        raise ValueError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
+    if A.dtype not in ops.WEIGHT_DTYPES:
+        raise TypeError(f"A has dtype {A.dtype}; supported: bfloat16, float16, float32, float64")
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter must be a non-negative int, got {niter!r}")
     if q is None:
         q = 6
-    res = svd_lowrank(A, k=min(int(q), *A.shape), base=M, tol=tol, backend=backend)
-    return res.U, res.S, res.V
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+        raise ValueError(f"q must be a positive int, got {q!r}")
+    if M is not None:
+        if not isinstance(M, Tensor):
+            raise TypeError(f"M must be a torch.Tensor or None, got {type(M).__name__}")
+        if M.dtype != A.dtype:
+            raise TypeError(f"M has dtype {M.dtype} but A has {A.dtype}; they must match")
+        try:
+            M = M.broadcast_to(A.shape)  # a view: broadcast dimensions have stride 0
+        except RuntimeError:
+            raise ValueError(f"M has shape {tuple(M.shape)}, which does not broadcast to "
+                             f"A's {tuple(A.shape)}") from None
+    *batch, m, n = A.shape
+    k = min(q, m, n)
+    rdtype = ops.compute_dtype(A.dtype)
+    U = A.new_empty((*batch, m, k), dtype=rdtype)
+    S = A.new_empty((*batch, k), dtype=rdtype)
+    V = A.new_empty((*batch, n, k), dtype=rdtype)
+    # index batch elements one by one: views of A and of M's broadcast view (flattening
+    # the batch dimensions could copy a broadcast M to full size)
+    for idx in itertools.product(*map(range, batch)):
+        try:
+            res = svd_lowrank(A[idx], k=k, base=None if M is None else M[idx], tol=tol, backend=backend)
+        except (ValueError, TypeError) as exc:
+            if not batch:
+                raise
+            raise type(exc)(f"A[{', '.join(map(str, idx))}] (M as its base): {exc}") from None
+        U[idx], S[idx], V[idx] = res.U, res.S, res.V
+    return U, S, V

@@ -226,6 +226,91 @@ def test_torch_svd_lowrank_compatible():
     assert U1.dtype == torch.float64 and S1.shape == (6,)
 
 
+# M shapes that broadcast to (*batch, m, n), as torch.svd_lowrank allows
+M_SHAPES = {
+    "none": None,
+    "full": lambda batch, m, n: (*batch, m, n),
+    "column-mean": lambda batch, m, n: (1, n),  # PCA centering: A.mean(-2, keepdim=True)
+    "row-mean": lambda batch, m, n: (m, 1),
+    "batch-broadcast": lambda batch, m, n: (*batch[:1], *([1] * len(batch[1:])), m, n),
+}
+
+
+@given(
+    batch=st.sampled_from([(), (1,), (3,), (2, 2)]),
+    m=st.integers(1, 41), n=st.integers(1, 41), q=st.integers(1, 45),
+    mshape=st.sampled_from(list(M_SHAPES)),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_svd_lowrank_batched_broadcast(batch, m, n, q, mshape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*batch, m, n, generator=g, dtype=torch.float64).to(dtype)
+    M = None if M_SHAPES[mshape] is None else torch.randn(
+        M_SHAPES[mshape](batch, m, n), generator=g, dtype=torch.float64).to(dtype)
+    U, S, V = pyrank.torch_svd_lowrank(A, q=q, M=M)
+    k = min(q, m, n)
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    assert U.shape == (*batch, m, k) and S.shape == (*batch, k) and V.shape == (*batch, n, k)
+    assert U.dtype == S.dtype == V.dtype == cd
+    D = A.double() - (0 if M is None else M.double())  # torch's broadcasting, in float64
+    s = torch.linalg.svdvals(D)[..., :k]
+    scale = float(s[..., :1].max())
+    floor = 1e-9 if dtype == torch.float64 else 1e-5
+    assert float((S.double() - s).abs().max()) <= (1e-4 + floor) * scale + 1e-12
+    # same convention as torch: A − M ≈ U·diag(S)·Vᵀ, the best rank-k fit up to tol
+    fit = (D - (U.double() * S.double()[..., None, :]) @ V.double().mT).flatten(-2).norm(dim=-1)
+    best = (s.new_zeros(s.shape[:-1]) if k == min(m, n) else
+            torch.linalg.svdvals(D)[..., k:].norm(dim=-1))
+    assert bool((fit <= best + 1e-3 * scale + 1e-12).all())
+
+
+def test_torch_svd_lowrank_reads_broadcast_m_as_a_view(monkeypatch):
+    """A (1, n) mean is passed to every solve as a stride-0 view, never expanded in memory."""
+    A = torch.randn(2, 30, 20, dtype=torch.float64)
+    C = A.mean(-2, keepdim=True)
+    bases = []
+    real = pyrank.linalg.svd_lowrank
+
+    def spy(A_, k, *, base=None, **kw):
+        bases.append(base)
+        return real(A_, k, base=base, **kw)
+
+    monkeypatch.setattr(pyrank.linalg, "svd_lowrank", spy)
+    U, S, V = pyrank.torch_svd_lowrank(A, q=3, M=C)
+    assert len(bases) == 2
+    for b in bases:
+        assert b.stride(0) == 0 and b.untyped_storage().data_ptr() == C.untyped_storage().data_ptr()
+    # PCA centering: the same values torch.pca_lowrank reaches by materializing A − mean
+    s = torch.linalg.svdvals(A - C)[..., :3]
+    assert torch.allclose(S, s, rtol=0, atol=1e-8 * float(s.max()))
+
+
+def test_torch_svd_lowrank_errors():
+    A = torch.randn(2, 6, 5)
+    with pytest.raises(TypeError, match="M has dtype torch.float64 but A has torch.float32"):
+        pyrank.torch_svd_lowrank(A, M=torch.zeros(6, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"M has shape \(3, 5\), which does not broadcast"):
+        pyrank.torch_svd_lowrank(A, M=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"A must have shape \(\*, m, n\)"):
+        pyrank.torch_svd_lowrank(torch.zeros(5))
+    with pytest.raises(TypeError, match="dense A"):
+        pyrank.torch_svd_lowrank(torch.eye(4).to_sparse())
+    with pytest.raises(TypeError, match="A has dtype torch.int64"):
+        pyrank.torch_svd_lowrank(torch.ones(3, 3, dtype=torch.int64))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="q must be a positive int"):
+            pyrank.torch_svd_lowrank(A, q=bad)
+    with pytest.raises(ValueError, match="niter must be"):
+        pyrank.torch_svd_lowrank(A, niter=-1)
+    B = A.clone()
+    B[1, 2, 3] = float("nan")  # the error names the batch element
+    with pytest.raises(ValueError, match=r"A\[1\] \(M as its base\): A contains NaN"):
+        pyrank.torch_svd_lowrank(B, q=2)
+    U, S, V = pyrank.torch_svd_lowrank(torch.zeros(0, 6, 5), q=2)  # empty batch: empty results
+    assert U.shape == (0, 6, 2) and S.shape == (0, 2) and V.shape == (0, 5, 2)
+
+
 @pytest.mark.parametrize("backend", [b for b, why in pyrank.ops.backend_status().items() if why is None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
 def test_every_backend_end_to_end(backend, dtype):
@@ -239,3 +324,16 @@ def test_every_backend_end_to_end(backend, dtype):
     check_result(warm, A, B, 3, 1e-4)
     assert res.fro is None
     assert warm.fro == pytest.approx(float(exact_delta(A, B).norm()), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b, why in pyrank.ops.backend_status().items() if why is None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_ID.get)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_every_backend_broadcast_base(backend, dtype, axis):
+    """A base with a stride-0 dimension (a row or column mean seen as (m, n)) on every backend."""
+    A, _ = _pair(53, 38, [1.0, 0.5, 0.1], dtype, seed=4)
+    B = A.float().mean(axis, keepdim=True).to(dtype).broadcast_to(A.shape)
+    assert 0 in B.stride()
+    res = pyrank.svd_lowrank(A, 2, base=B, backend=backend, fro=True)
+    check_result(res, A, B, 2, 1e-4)
+    assert res.fro == pytest.approx(float(exact_delta(A, B).norm()), rel=1e-5)
