@@ -113,52 +113,15 @@ static inline void load_delta(const Mat& A, const Mat& B, int64_t i, int64_t j0,
 
 // ---------------------------------------------------------------- (A − B)·X and (A − B)ᵀ·Y
 
-// s[r·kx + c] += Σ_j d[r·ld + j]·XT[c·n + j0 + j] for the R rows at d (one chunk of len).
-static inline void dot_rows(const float* d, int64_t ld, const float* XT, int64_t n, int64_t j0,
-                            int64_t len, int64_t kx, float* s) {
-  const float *d0 = d, *d1 = d + ld, *d2 = d + 2 * ld, *d3 = d + 3 * ld, *d4 = d + 4 * ld,
-              *d5 = d + 5 * ld, *d6 = d + 6 * ld, *d7 = d + 7 * ld;
-  for (int64_t c = 0; c < kx; ++c) {  // R dot products share each load of X
-    const float* __restrict x = XT + c * n + j0;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-    for (int64_t j = 0; j < len; ++j) {
-      const float xv = x[j];
-      s0 += d0[j] * xv; s1 += d1[j] * xv; s2 += d2[j] * xv; s3 += d3[j] * xv;
-      s4 += d4[j] * xv; s5 += d5[j] * xv; s6 += d6[j] * xv; s7 += d7[j] * xv;
-    }
-    float* sc = s + c;
-    sc[0] += s0; sc[kx] += s1; sc[2 * kx] += s2; sc[3 * kx] += s3;
-    sc[4 * kx] += s4; sc[5 * kx] += s5; sc[6 * kx] += s6; sc[7 * kx] += s7;
-  }
-}
-
-// a[j] += Σ_r d[r·ld + j]·y[r] for the R rows at d (one chunk of len): a row of Δᵀ·Y.
-static inline void axpy_rows(const float* d, int64_t ld, const float* y, int64_t len,
-                             float* __restrict a) {
-  const float *d0 = d, *d1 = d + ld, *d2 = d + 2 * ld, *d3 = d + 3 * ld, *d4 = d + 4 * ld,
-              *d5 = d + 5 * ld, *d6 = d + 6 * ld, *d7 = d + 7 * ld;
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j)
-    a[j] += d0[j] * y[0] + d1[j] * y[1] + d2[j] * y[2] + d3[j] * y[3] + d4[j] * y[4] +
-            d5[j] * y[5] + d6[j] * y[6] + d7[j] * y[7];
-}
-
-// out_x = Δ·X (m×kx); out_yT = (Δᵀ·Y')ᵀ where Y' = [Δ·X, Y] when chain, else Y' = Y.
-// The chained product needs a row tile's Δ·X complete before its Δᵀ part can start: the
-// tile is then converted once into a G×n buffer (L2-resident for n up to ~50k at G = 8)
-// and swept twice, so A and B are still read from memory once.
 template <int DT>
 static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64_t kx,
                        float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
-                       int chain, int nthreads) {
+                       int nthreads) {
   if (nthreads < 1) nthreads = 1;
-  const int64_t kc = chain ? kx : 0;  // chained columns lead the Δᵀ output
-  const int64_t kt = kc + ky;         // columns of the Δᵀ product
   // Δᵀ·Y: each thread accumulates its rows' contribution privately, then one reduction.
   float* acc_all = nullptr;
-  if (kt > 0) {
-    const int64_t per = kt * n;
+  if (ky > 0) {
+    const int64_t per = ky * n;
     // keep the private accumulators within ~512 MiB whatever the thread count
     while (nthreads > 1 && (int64_t)nthreads * per * 4 > (int64_t(1) << 29)) --nthreads;
     acc_all = (float*)calloc((size_t)nthreads * per, sizeof(float));
@@ -168,18 +131,15 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
   // prefetchers. Many columns: L2 traffic of X and the accumulators dominates; 32-row tiles
   // cut it 4×. (One A/B on 4096×11008 bf16, 2 cores: 32-row tiles made k=1 slower, 7.2 →
   // 9.7 ms, and the k=32 fused pass faster, 80 → 64 ms; this VM's timings vary ±30%.)
-  // A chained pass holds whole rows, so it stays at 8.
-  const int64_t G = (!chain && kx + ky >= 16) ? GMAX : R;
-  const int64_t ld = chain ? n : J;  // row stride of the converted tile
+  const int64_t G = (kx + ky >= 16) ? GMAX : R;
   const int64_t ntiles = (m + G - 1) / G;
   double sqsum = 0.0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : sqsum)
   {
     const int t = omp_get_thread_num();
-    float* acc = kt > 0 ? acc_all + (int64_t)t * kt * n : nullptr;
-    float* dt = (float*)aligned_alloc(64, sizeof(float) * (size_t)(((G * ld + 15) / 16) * 16));
+    float* acc = ky > 0 ? acc_all + (int64_t)t * ky * n : nullptr;
+    alignas(64) float dt[GMAX * J];
     float* sx = kx > 0 ? (float*)malloc(sizeof(float) * GMAX * kx) : nullptr;
-    if (!dt) abort();
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t i0 = tile * G, rows = imin(G, m - i0);
@@ -187,45 +147,52 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
       if (kx > 0) memset(sx, 0, sizeof(float) * G * kx);
       for (int64_t j0 = 0; j0 < n; j0 += J) {
         const int64_t len = imin(J, n - j0);
-        float* dc = chain ? dt + j0 : dt;  // this chunk in the tile buffer
         for (int64_t r = 0; r < nsub * R; ++r) {
-          if (r < rows) load_delta<DT>(A, B, i0 + r, j0, len, dc + r * ld);
-          else memset(dc + r * ld, 0, sizeof(float) * len);  // padding rows contribute zero
+          if (r < rows) load_delta<DT>(A, B, i0 + r, j0, len, dt + r * J);
+          else memset(dt + r * J, 0, sizeof(float) * len);  // padding rows contribute zero
         }
-        if (sq) {  // ‖Δ‖² from the tile already in cache: no extra read of A and B
+        if (sq) {  // ‖Δ‖² from the tile already in L1: no extra read of A and B
           for (int64_t r = 0; r < rows; ++r) {
-            const float* __restrict dr = dc + r * ld;
+            const float* __restrict dr = dt + r * J;
             float s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t j = 0; j < len; ++j) s += dr[j] * dr[j];
             sqsum += s;
           }
         }
-        for (int64_t sb = 0; sb < nsub && kx > 0; ++sb)
-          dot_rows(dc + sb * R * ld, ld, XT, n, j0, len, kx, sx + sb * R * kx);
-        for (int64_t c = 0; c < ky; ++c) {  // Δᵀ·Y: this accumulator chunk stays hot for G rows
+        for (int64_t c = 0; c < kx; ++c) {  // Δ·X: R dot products share each load of X
+          const float* __restrict x = XT + c * n + j0;
           for (int64_t sb = 0; sb < nsub; ++sb) {
+            const float* d = dt + sb * R * J;
+            const float *d0 = d, *d1 = d + J, *d2 = d + 2 * J, *d3 = d + 3 * J, *d4 = d + 4 * J,
+                        *d5 = d + 5 * J, *d6 = d + 6 * J, *d7 = d + 7 * J;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+            for (int64_t j = 0; j < len; ++j) {
+              const float xv = x[j];
+              s0 += d0[j] * xv; s1 += d1[j] * xv; s2 += d2[j] * xv; s3 += d3[j] * xv;
+              s4 += d4[j] * xv; s5 += d5[j] * xv; s6 += d6[j] * xv; s7 += d7[j] * xv;
+            }
+            float* sc = sx + sb * R * kx + c;
+            sc[0] += s0; sc[kx] += s1; sc[2 * kx] += s2; sc[3 * kx] += s3;
+            sc[4 * kx] += s4; sc[5 * kx] += s5; sc[6 * kx] += s6; sc[7 * kx] += s7;
+          }
+        }
+        for (int64_t c = 0; c < ky; ++c) {  // Δᵀ·Y: this accumulator chunk stays hot for G rows
+          float* __restrict a = acc + c * n + j0;
+          for (int64_t sb = 0; sb < nsub; ++sb) {
+            const float* d = dt + sb * R * J;
+            const float *d0 = d, *d1 = d + J, *d2 = d + 2 * J, *d3 = d + 3 * J, *d4 = d + 4 * J,
+                        *d5 = d + 5 * J, *d6 = d + 6 * J, *d7 = d + 7 * J;
             float y[R];
             for (int64_t r = 0; r < R; ++r) {
               const int64_t row = sb * R + r;
               y[r] = row < rows ? Y[(i0 + row) * ky + c] : 0.0f;
             }
-            axpy_rows(dc + sb * R * ld, ld, y, len, acc + (kc + c) * n + j0);
-          }
-        }
-      }
-      if (chain) {  // second sweep, from cache: Δᵀ·(Δ·X) with this tile's finished Δ·X
-        for (int64_t j0 = 0; j0 < n; j0 += J) {
-          const int64_t len = imin(J, n - j0);
-          for (int64_t c = 0; c < kc; ++c) {
-            for (int64_t sb = 0; sb < nsub; ++sb) {
-              float y[R];
-              for (int64_t r = 0; r < R; ++r) {
-                const int64_t row = sb * R + r;
-                y[r] = row < rows ? sx[row * kx + c] : 0.0f;
-              }
-              axpy_rows(dt + sb * R * ld + j0, ld, y, len, acc + c * n + j0);
-            }
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j)
+              a[j] += d0[j] * y[0] + d1[j] * y[1] + d2[j] * y[2] + d3[j] * y[3] + d4[j] * y[4] +
+                      d5[j] * y[5] + d6[j] * y[6] + d7[j] * y[7];
           }
         }
       }
@@ -233,11 +200,10 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
         memcpy(out_x + (i0 + r) * kx, sx + r * kx, sizeof(float) * kx);
     }
     free(sx);
-    free(dt);
   }
   if (sq) *sq = sqsum;
-  if (kt > 0) {
-    const int64_t total = kt * n;
+  if (ky > 0) {
+    const int64_t total = ky * n;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t idx = 0; idx < total; ++idx) {
       float s = 0;
@@ -250,14 +216,11 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int6
 
 static void delta_mm_both(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
                           int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
-                          double* sq, int chain, int nthreads) {
+                          double* sq, int nthreads) {
   switch (dtype) {
-    case kBF16:
-      return fused_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, chain, nthreads);
-    case kF16:
-      return fused_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, chain, nthreads);
-    default:
-      return fused_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, chain, nthreads);
+    case kBF16: return fused_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    case kF16: return fused_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    default: return fused_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
   }
 }
 

@@ -63,48 +63,25 @@ def products(A, B, X, Y, cdtype, want_sq):
     if _transposed(A, B):  # ΔX = (Δᵀ)ᵀX, ΔᵀY = (Δᵀ)Y, ‖Δ‖ = ‖Δᵀ‖
         Q, P, sq = products(A.t(), None if B is None else B.t(), Y, X, cdtype, want_sq)
         return P, Q, sq
-    return _run(A, B, X, Y, want_sq, chain=False)
-
-
-def chains_in_one_read(A, B) -> bool:
-    """The kernel streams rows: ΔᵀΔX needs a row's ΔX before its Δᵀ part, so column-major
-    pairs (which run as the transposed problem) cannot chain in one read."""
-    return A.dtype == torch.float64 or not _transposed(A, B)
-
-
-def chain_products(A, B, X, Y, cdtype, want_sq):
-    """(P = ΔX, Q = Δᵀ·[P, Y], ‖Δ‖_F² or None); Y may be None. One read where
-    :func:`chains_in_one_read`, else two."""
-    if A.dtype == torch.float64:
-        return _torch_backend.chain_products(A, B, X, Y, cdtype, want_sq)
-    if not chains_in_one_read(A, B):
-        P, _, sq = products(A, B, X, None, cdtype, want_sq)
-        _, Q, _ = products(A, B, None, P if Y is None else torch.cat([P, Y], 1), cdtype, False)
-        return P, Q, sq
-    return _run(A, B, X, Y, want_sq, chain=True)
-
-
-def _run(A, B, X, Y, want_sq, chain):
     m, n = A.shape
     kx = 0 if X is None else X.shape[1]
     ky = 0 if Y is None else Y.shape[1]
-    kt = ky + (kx if chain else 0)  # columns of the Δᵀ product
     out_x = torch.empty(m, kx, dtype=torch.float32) if X is not None else None
-    out_yT = torch.empty(kt, n, dtype=torch.float32) if (Y is not None or chain) else None
+    out_yT = torch.empty(ky, n, dtype=torch.float32) if Y is not None else None
     if m == 0 or n == 0:  # nothing to read: every output is zero
         return (None if out_x is None else out_x.zero_(),
                 None if out_yT is None else out_yT.zero_().t().contiguous(),
-                torch.zeros((), dtype=torch.float32) if want_sq else None)
+                torch.zeros((), dtype=cdtype) if want_sq else None)
     XT = X.t().contiguous() if X is not None else None
     Yc = Y.contiguous() if Y is not None else None
     sq = _C.delta_mm_both(
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
         0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
         0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
-        bool(want_sq), bool(chain), torch.get_num_threads(),
+        bool(want_sq), torch.get_num_threads(),
     )
     return (out_x, None if out_yT is None else out_yT.t().contiguous(),
-            torch.tensor(sq, dtype=torch.float32) if want_sq else None)
+            torch.tensor(sq, dtype=cdtype) if want_sq else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

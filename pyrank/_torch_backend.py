@@ -40,27 +40,6 @@ def products(A, B, X, Y, cdtype, want_sq):
     return out_x, out_y, (sq.to(cdtype) if want_sq else None)
 
 
-def chains_in_one_read(A, B) -> bool:
-    return True
-
-
-def chain_products(A, B, X, Y, cdtype, want_sq):
-    """P = (A − B)·X and Q = (A − B)ᵀ·[P, Y] from one pass: each row block's P is complete
-    before its transposed product starts."""
-    m, n = A.shape
-    ky = 0 if Y is None else Y.shape[1]
-    P = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device)
-    Q = torch.zeros(n, X.shape[1] + ky, dtype=cdtype, device=A.device)
-    sq = torch.zeros((), dtype=torch.float64, device=A.device) if want_sq else None
-    for i, j in _row_blocks(m, n):
-        d = _delta(A, B, i, j, cdtype)
-        torch.mm(d, X, out=P[i:j])
-        Q.addmm_(d.t(), P[i:j] if Y is None else torch.cat([P[i:j], Y[i:j]], 1))
-        if want_sq:
-            sq += torch.sum(d * d, dtype=torch.float64)
-    return P, Q, (sq.to(cdtype) if want_sq else None)
-
-
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
     m, n = W.shape
     US = U * (alpha * S)  # m×k, fold α·diag(S) into the left factor once

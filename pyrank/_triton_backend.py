@@ -52,21 +52,6 @@ def products(A, B, X, Y, cdtype, want_sq):
     return _k()[0].delta_products(A, B, X, Y, want_sq)
 
 
-def chains_in_one_read(A, B) -> bool:
-    # A program would need its rows' ΔX over all columns before their Δᵀ part; a row tile
-    # of a large weight does not fit on chip, so a chained pass reads A and B twice here.
-    return A.dtype == torch.float64
-
-
-def chain_products(A, B, X, Y, cdtype, want_sq):
-    if A.dtype == torch.float64:
-        return _torch_backend.chain_products(A, B, X, Y, cdtype, want_sq)
-    delta, _ = _k()
-    P, _, sq = delta.delta_products(A, B, X, None, want_sq)
-    _, Q, _ = delta.delta_products(A, B, None, P if Y is None else torch.cat([P, Y], 1), False)
-    return P, Q, sq
-
-
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
     _, merge = _k()
     if W.dtype == torch.float64 or U.shape[1] > merge.MAX_K:

@@ -7,7 +7,7 @@ The solver keeps an orthonormal left basis U together with ZU = Δᵀ·U, and an
 orthonormal right basis V together with YV = Δ·V (Δ = A − base, never formed).
 Each *pass* is one read of A and base through :mod:`pyrank.ops` and multiplies only
 the newest block of directions: Δ·(new V) and/or Δᵀ·(new U), both in one fused read
-when both sides have new directions (see also *chained passes* below). Because every
+when both sides have new directions (always, after a warm start). Because every
 basis column's product is stored:
 
 * the Rayleigh–Ritz matrix Uᵀ·Δ·V = Uᵀ·YV costs no pass;
@@ -22,23 +22,20 @@ orthonormalized in fp32 (fp64 for fp64 weights) after every product — block
 Gram–Schmidt twice, then Householder QR with a rank-revealing SVD of R, which also
 drops directions the operator has exhausted (rank-deficient or zero Δ).
 
-*Chained passes.* Where the backend can (``ops.chains_in_one_read``: the C++ kernel on
-row-streamable pairs, the torch reference), a pass computes Y = Δ·(new V) and, in the same
-read, Δᵀ·Y — each row tile's Δ·X is finished before its transposed product starts. The
-new left directions orth(Y) then get their Δᵀ products by linear algebra on stored
-products instead of another read, so one read advances the Krylov space by a full step
-(left and right) where an alternating scheme needs two. Deriving costs accuracy where Y's
-new part is small (its products are divided by its singular values); every derived
-product carries an error bound, and a direction whose bound exceeds 10% of ``tol``
-(relative to ‖Δ‖) is multiplied directly in the next pass instead, beside the chained
-block. Measured on a 1024×2048 RL-like bf16 update to tol 1e-4: cold k = 1 took 3–4
-reads instead of 6, k = 4–32 took 22–26 instead of 30–37; warm starts stay at 2.
-
 Why Krylov rather than plain subspace iteration (``method="subspace"``, kept for such
-comparisons, never chained): on a 1024×2048 RL-like bf16 update (pyrank.testing.rl_like_pair,
-σ₂/σ₁ = 0.32, a flat noise bulk from σ₄) to tol 1e-4, Krylov with alternating passes took
-6 passes at k = 1 and 37 at k = 8, subspace iteration 7 and more than 40. Passes are what
-cost.
+comparisons): on a 1024×2048 RL-like bf16 update (pyrank.testing.rl_like_pair, σ₂/σ₁ =
+0.32, a flat noise bulk from σ₄) to tol 1e-4, Krylov took 6 passes at k = 1 and 37 at
+k = 8, subspace iteration 7 and more than 40. Passes are what cost.
+
+Tried and removed (2026-11-22): *chained* passes — Y = Δ·(new V) and Δᵀ·Y in one read (a
+row tile's Δ·X is finished before its transposed product), deriving the Δᵀ products of
+the new left directions orth(Y) from stored products, so that one read advances both
+sides. Cold k = 1 on 4096×11008 bf16 took 4 reads instead of 6 and 11% less time (58 vs
+65 ms, C++ backend, 2 cores), but k = 8 and 32 took as many reads (40 vs 40, 36 vs 38)
+and 25–35% more time: a derived product's error grows by ‖Y‖/σ_min(new part of Y) at
+every step, so from the second Krylov step on most derived products exceeded an error
+budget of 10% of tol and had to be multiplied directly, while the chained pass itself
+costs 1.1–1.4× a fused two-sided one here. Warm starts were no faster (2 reads either way).
 """
 from __future__ import annotations
 
@@ -60,7 +57,7 @@ class LowRankSVD:
     """Top-k singular triplets of A − base.
 
     U: (m, k), S: (k,) descending, V: (n, k) — float32, or float64 for float64 weights.
-    passes: reads of A and base (a fused two-sided or chained read counts once).
+    passes: reads of A and base (a fused two-sided read counts once).
     residual: (k,) max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖) / σ_1 per triplet.
     converged: every residual ≤ tol.
     fro: ‖A − base‖_F when asked for (``fro=True``: read in the first pass), else None.
@@ -114,41 +111,6 @@ def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int) -
     keep = int((s > drop).sum())
     keep = min(keep, limit, W.shape[0] - (0 if basis is None else basis.shape[1]))
     return Q @ Ur[:, :keep]
-
-
-def _chain_expand(U, ZU, zerr, Y, Z, drop, eps, budget):
-    """New left directions from Y = Δ·(new V) with their products derived from Z = Δᵀ·Y.
-
-    Y's part orthogonal to U is Q·R = Q·Ur·diag(s)·Vrᵀ (block Gram–Schmidt twice, QR, SVD
-    of R), so the new directions Q·Ur have Δᵀ·(Q·Ur) = Z'·Vr·diag(1/s), where Z' is Z put
-    through the same Gram–Schmidt steps using the stored ZU = Δᵀ·U. That costs no read,
-    but errors grow: Z's own (eps·‖Δ‖·‖y‖ per column), and ZU's (bounded by ``zerr``, in
-    units of ‖Δ‖) times the Gram–Schmidt coefficients, all divided by s. Directions whose
-    bound stays within ``budget`` are returned with their products (and bounds); the
-    rest are returned as pending, to be multiplied directly in the next pass.
-
-    Returns (U_new, ZU_new, zerr_new, pending).
-    """
-    ynorm = torch.linalg.vector_norm(Y, dim=0)
-    # |error| of Z's columns, in units of ‖Δ‖: its own rounding, and that of the Gram–Schmidt
-    # and QR steps on the Y side, which the derived products do not share (measured: 1×
-    # alone was exceeded 2.5-fold by the true error at k = 32)
-    err = 4 * eps * ynorm
-    if U.shape[1]:
-        for _ in range(2):
-            C = U.T @ Y
-            Y, Z = Y - U @ C, Z - ZU @ C
-            err = err + C.abs().T @ zerr
-    Q, R = torch.linalg.qr(Y)
-    Ur, s, Vrh = torch.linalg.svd(R)
-    ok = int((s > drop).sum())
-    ok = min(ok, Y.shape[0] - U.shape[1])
-    s_ok = s[:ok].clamp_min(drop)
-    bound = (Vrh[:ok].abs() @ err) / s_ok  # the derived columns' errors, in units of ‖Δ‖
-    good = int((bound <= budget).cumprod(0).sum()) if ok else 0  # s descends: a prefix
-    Un = Q @ Ur[:, :good]
-    ZUn = (Z @ Vrh[:good].T) / s_ok[:good]
-    return Un, ZUn, bound[:good], Q @ Ur[:, good:ok]
 
 
 def _random_orth(rows: int, cols: int, gen: torch.Generator, like: Tensor) -> Tensor:
@@ -249,11 +211,6 @@ def svd_lowrank(
     # Krylov bases grow by ≤ l columns a pass; restart beyond this (measured: a larger
     # basis saves passes, and (m+n)·max_basis floats is still small next to A)
     max_basis = max(8 * l, 64) if method == "krylov" else l
-    # Chained passes (see the module docstring) where the backend makes them one read;
-    # tol = 0 leaves no error budget for the derived products.
-    chain = method == "krylov" and tol > 0 and ops.chains_in_one_read(A, base, backend=name)
-    # error allowed in a derived Δᵀ·u, relative to ‖Δ‖: 1% of the tolerance
-    chain_budget = 0.1 * tol
 
     # ---- start blocks: pending directions whose products are not yet known
     if init is not None:
@@ -261,17 +218,14 @@ def svd_lowrank(
         # A random column rides along: it makes a stale (invariant but no longer dominant)
         # warm subspace impossible to mistake for the answer, and lets a zero product prove
         # Δ = 0. (One is enough for both; each extra column costs compute on every pass.)
+        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 1), gen)
         pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, l + 1), gen)
-        # chained: Δ·V0 spans the new U0 already (measured: U0 saves no pass, costs compute)
-        pend_u = (like.new_zeros(m, 0) if chain else
-                  _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 1), gen))
-    elif n <= m or chain:  # the smaller side: k ≥ min(m, n) is then exact in 2 passes (1 chained)
+    elif n <= m:  # start on the smaller side: k ≥ min(m, n) is then exact in 2 passes
         pend_u, pend_v = like.new_zeros(m, 0), _random_orth(n, l, gen, like)
     else:
         pend_u, pend_v = _random_orth(m, l, gen, like), like.new_zeros(n, 0)
 
     U, ZU = like.new_zeros(m, 0), like.new_zeros(n, 0)  # left basis and Δᵀ·U
-    zerr = like.new_zeros(0)  # bound on each ZU column's error, relative to ‖Δ‖ (chained)
     V, YV = like.new_zeros(n, 0), like.new_zeros(m, 0)  # right basis and Δ·V
     fro_value = None
     scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
@@ -281,13 +235,7 @@ def svd_lowrank(
         # ---- one pass: multiply the pending blocks (fused when both sides have some)
         has_u, has_v = pend_u.shape[1] > 0, pend_v.shape[1] > 0
         want_sq = fro and passes == 0  # ‖Δ‖_F rides on the first read
-        zy = None  # chained: Δᵀ·(Δ·pend_v)
-        if chain and has_v:
-            out = ops.delta_mm_chain(A, base, pend_v, pend_u if has_u else None, sqnorm=want_sq,
-                                     backend=name)
-            kv = pend_v.shape[1]
-            yv_new, zy, zu_new = out[0], out[1][:, :kv], (out[1][:, kv:] if has_u else None)
-        elif has_u and has_v:
+        if has_u and has_v:
             out = ops.delta_mm_both(A, base, pend_v, pend_u, sqnorm=want_sq, backend=name)
             yv_new, zu_new = out[0], out[1]
         elif has_v:
@@ -299,7 +247,7 @@ def svd_lowrank(
         if want_sq:
             fro_value = math.sqrt(max(0.0, float(out[-1])))
         passes += 1
-        for t in (yv_new, zu_new, zy):
+        for t in (yv_new, zu_new):
             if t is not None:
                 if not bool(torch.isfinite(t).all()):
                     _raise_nonfinite(A, base)
@@ -311,20 +259,12 @@ def svd_lowrank(
             V, YV = torch.cat([V, pend_v], 1), torch.cat([YV, yv_new], 1)
         if zu_new is not None:
             U, ZU = torch.cat([U, pend_u], 1), torch.cat([ZU, zu_new], 1)
-            zerr = torch.cat([zerr, zerr.new_full((zu_new.shape[1],), eps)])
         drop = 64 * eps * scale
 
         # ---- Krylov expansion: what the newest products add to the bases
         # (keep every direction the block adds: one dropped here would never come back,
         # since later expansions only look at newer products, and the residual would stall)
-        if zy is not None:  # new U directions, with their Δᵀ products where they are accurate
-            Un, ZUn, en, pend_u = _chain_expand(U, ZU, zerr, yv_new, zy, drop, eps, chain_budget)
-            U, ZU, zerr = torch.cat([U, Un], 1), torch.cat([ZU, ZUn], 1), torch.cat([zerr, en])
-            zu_new = ZUn if zu_new is None else torch.cat([zu_new, ZUn], 1)
-        elif yv_new is not None:
-            pend_u = _orth_against(U, yv_new, drop, yv_new.shape[1])
-        else:
-            pend_u = U[:, :0]
+        pend_u = _orth_against(U, yv_new, drop, yv_new.shape[1]) if yv_new is not None else U[:, :0]
         pend_v = _orth_against(V, zu_new, drop, zu_new.shape[1]) if zu_new is not None else V[:, :0]
         if not (U.shape[1] and V.shape[1]):
             continue  # cold start: one side has no products yet, no Rayleigh–Ritz possible
@@ -350,13 +290,12 @@ def svd_lowrank(
             keep = min(l, sig.shape[0])
             pend_u = _orth_against(None, YV @ Q[:, :keep], drop, l)
             pend_v = _orth_against(None, ZU @ P[:, :keep], drop, l)
-            U, ZU, V, YV, zerr = U[:, :0], ZU[:, :0], V[:, :0], YV[:, :0], zerr[:0]
+            U, ZU, V, YV = U[:, :0], ZU[:, :0], V[:, :0], YV[:, :0]
         elif U.shape[1] + pend_u.shape[1] > max_basis or V.shape[1] + pend_v.shape[1] > max_basis:
             # thick restart: keep the top-l Ritz vectors, rotate their stored products, and
             # continue from their residual directions
             keep = min(l, sig.shape[0])
             U, ZU = U @ P[:, :keep], ZU @ P[:, :keep]
-            zerr = P[:, :keep].abs().T @ zerr
             V, YV = V @ Q[:, :keep], YV @ Q[:, :keep]
             pend_u = _orth_against(U, YV, drop, l)
             pend_v = _orth_against(V, ZU, drop, l)

@@ -7,9 +7,6 @@ tensors it may trust:
 * ``delta_mm(A, B, X)``        = (A − B) @ X                           m×k
 * ``delta_mm_t(A, B, Y)``      = (A − B)ᵀ @ Y                          n×k
 * ``delta_mm_both(A, B, X, Y)`` = both, in a single read of A and B
-* ``delta_mm_chain(A, B, X, Y)`` = P = (A − B) @ X and (A − B)ᵀ @ [P, Y]: the
-  normal-equation product ΔᵀΔX beside ΔᵀY, in one read where
-  ``chains_in_one_read(A, B)`` (C++ and torch backends on row-streamable pairs)
 * ``delta_sqnorm(A, B)``       = ‖A − B‖_F²                            0-d tensor
 * ``merge_lowrank(W, U, S, V, alpha, out)`` = W + α·U·diag(S)·Vᵀ, fp32 math, one
   rounding to W's dtype
@@ -43,8 +40,6 @@ __all__ = [
     "delta_mm",
     "delta_mm_t",
     "delta_mm_both",
-    "delta_mm_chain",
-    "chains_in_one_read",
     "delta_sqnorm",
     "merge_lowrank",
     "delta_gram",
@@ -213,30 +208,6 @@ def delta_mm_both(A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, sqnor
     _, be = resolve_backend(backend, A.device)
     ox, oy, sq = be.products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
     return (ox, oy, sq) if sqnorm else (ox, oy)
-
-
-def delta_mm_chain(A: Tensor, B: Optional[Tensor], X: Tensor, Y: Optional[Tensor] = None, *,
-                   sqnorm: bool = False, backend: str = "auto"):
-    """(P, Q) with P = (A − B) @ X (m×kx) and Q = (A − B)ᵀ @ [P, Y] (n×(kx + ky)): the first
-    kx columns of Q are ΔᵀΔX, computed from P exactly as returned. Y: (m, ky) or None.
-    With ``sqnorm=True`` a third item, ‖A − B‖_F².
-
-    A row's P is complete before its transposed product starts, so backends that stream
-    rows do both in one read (see :func:`chains_in_one_read`); the others read twice."""
-    check_weights(A, B)
-    X = _factor(X, "X", A.shape[1], A)
-    if Y is not None:
-        Y = _factor(Y, "Y", A.shape[0], A)
-    _, be = resolve_backend(backend, A.device)
-    P, Q, sq = be.chain_products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
-    return (P, Q, sq) if sqnorm else (P, Q)
-
-
-def chains_in_one_read(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> bool:
-    """Whether :func:`delta_mm_chain` reads A and B once (else twice) on this backend and layout."""
-    check_weights(A, B)
-    _, be = resolve_backend(backend, A.device)
-    return bool(be.chains_in_one_read(A, B))
 
 
 def delta_sqnorm(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:

@@ -166,7 +166,7 @@ def test_warm_start_converges_in_two_passes(k):
         res2 = pyrank.svd_lowrank(Wt, k, base=W0, init=(prev.U, prev.V))
         check_result(res2, Wt, W0, k, 1e-4)
         prev = res
-    assert cold_passes >= 2 * limit  # the warm start is what made it cheap
+    assert cold_passes >= 3 * limit  # the warm start is what made it cheap
 
 
 # ------------------------------------------------------------------ contract
@@ -313,16 +313,12 @@ def test_torch_svd_lowrank_errors():
 
 @pytest.mark.parametrize("backend", [b for b, why in pyrank.ops.backend_status().items() if why is None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_every_backend_end_to_end(backend, dtype, layout):
-    A, B = _pair(67, 45, [1.0, 0.4, 0.2, 0.05, 0.01], dtype, seed=2, layout=layout)
+def test_every_backend_end_to_end(backend, dtype):
+    A, B = _pair(67, 45, [1.0, 0.4, 0.2, 0.05, 0.01], dtype, seed=2, layout="transposed")
     res = pyrank.svd_lowrank(A, 3, base=B, backend=backend)
     check_result(res, A, B, 3, 1e-4)
-    ref = pyrank.svd_lowrank(A, 3, base=B, backend="torch")  # the torch reference always chains
-    if pyrank.ops.chains_in_one_read(A, B, backend=backend):
-        assert res.passes == ref.passes
-    else:  # the same solver without chained passes: each Krylov step takes two reads
-        assert res.passes > ref.passes
+    ref = pyrank.svd_lowrank(A, 3, base=B, backend="torch")
+    assert res.passes == ref.passes
     assert torch.allclose(res.S, ref.S, rtol=1e-5)
     warm = pyrank.svd_lowrank(A, 3, base=B, init=res, backend=backend, fro=True)
     check_result(warm, A, B, 3, 1e-4)
@@ -341,48 +337,3 @@ def test_every_backend_broadcast_base(backend, dtype, axis):
     res = pyrank.svd_lowrank(A, 2, base=B, backend=backend, fro=True)
     check_result(res, A, B, 2, 1e-4)
     assert res.fro == pytest.approx(float(exact_delta(A, B).norm()), rel=1e-5)
-
-
-# ------------------------------------------------------------------ chained passes
-
-
-@pytest.mark.parametrize("k,ratio", [(1, 0.7), (4, 0.85)])  # k = 4 ends in the noise bulk
-def test_chained_passes_cut_cold_reads(k, ratio):
-    """The same bf16 pair row-major (the C++ kernel chains Δ·X and Δᵀ·(Δ·X) in one read)
-    and column-major (it cannot, so the solver alternates sides): same answer, fewer reads."""
-    Wt, W0 = rl_like_pair(400, 700, update_rms=2e-3, seed=7)
-    Wt_c, W0_c = Wt.T.contiguous().T, W0.T.contiguous().T
-    assert pyrank.ops.chains_in_one_read(Wt, W0, backend="cpu")
-    assert not pyrank.ops.chains_in_one_read(Wt_c, W0_c, backend="cpu")
-    chained = pyrank.svd_lowrank(Wt, k, base=W0, backend="cpu")
-    alternating = pyrank.svd_lowrank(Wt_c, k, base=W0_c, backend="cpu")
-    check_result(chained, Wt, W0, k, 1e-4)
-    check_result(alternating, Wt, W0, k, 1e-4)
-    assert chained.passes <= ratio * alternating.passes, (chained.passes, alternating.passes)
-
-
-@pytest.mark.parametrize("spectrum", ["powerlaw", "tinygap", "flat"])
-@pytest.mark.parametrize("k", [1, 8])
-def test_derived_products_stay_within_their_error_bound(monkeypatch, spectrum, k):
-    """A chained pass derives Δᵀ·u for new directions u without reading Δ; the solver keeps
-    only those whose error bound is within budget. The true error (float64) must not exceed
-    the bound, or the stopping test could pass on a wrong residual."""
-    A, B = _pair(300, 500, SPECTRA[spectrum](20), torch.bfloat16, seed=3)
-    D = exact_delta(A, B)
-    norm = float(torch.linalg.matrix_norm(D, 2))
-    real = pyrank.linalg._chain_expand
-    seen = []
-
-    def spy(U, ZU, zerr, Y, Z, drop, eps, budget):
-        Un, ZUn, bound, pend = real(U, ZU, zerr, Y, Z, drop, eps, budget)
-        assert bool((bound <= budget).all())
-        true = (ZUn.double() - D.T @ Un.double()).norm(dim=0) / norm
-        seen.append((true, bound.double()))
-        return Un, ZUn, bound, pend
-
-    monkeypatch.setattr(pyrank.linalg, "_chain_expand", spy)
-    res = pyrank.svd_lowrank(A, k, base=B, backend="cpu")
-    check_result(res, A, B, k, 1e-4)
-    assert sum(t.numel() for t, _ in seen) > 0, "no product was derived"
-    for true, bound in seen:
-        assert bool((true <= bound).all()), (true.max(), bound.max())
