@@ -31,8 +31,9 @@ Tried and removed (2026-11-22): *chained* passes — Y = Δ·(new V) and Δᵀ·
 row tile's Δ·X is finished before its transposed product), deriving the Δᵀ products of
 the new left directions orth(Y) from stored products, so that one read advances both
 sides. Cold k = 1 on 4096×11008 bf16 took 4 reads instead of 6 and 11% less time (58 vs
-65 ms, C++ backend, 2 cores), but k = 8 and 32 took as many reads (40 vs 40, 36 vs 38)
-and 25–35% more time: a derived product's error grows by ‖Y‖/σ_min(new part of Y) at
+65 ms, C++ backend, 2 cores), but k = 8 took as many reads (37–40 vs 38–40) and k = 32
+29–36 vs 38, for 13–35% more time (two variants: chaining every pass, or only passes that
+would otherwise be one-sided): a derived product's error grows by ‖Y‖/σ_min(new part of Y) at
 every step, so from the second Krylov step on most derived products exceeded an error
 budget of 10% of tol and had to be multiplied directly, while the chained pass itself
 costs 1.1–1.4× a fused two-sided one here. Warm starts were no faster (2 reads either way).
