@@ -72,11 +72,22 @@ class LowRankSVD:
     residual: Tensor
     converged: bool
     fro: Optional[float] = None
-    # The oversampled Ritz bases (U_l, V_l): a warm start from this result reuses them.
+    # The Ritz bases a warm start from this result reuses (top-k plus near-degenerate ones).
     basis: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False)
 
     def __iter__(self):  # allows ``U, S, V = pyrank.svd_lowrank(...)``
         return iter((self.U, self.S, self.V))
+
+
+# The basis a result hands to a warm start: its top-k Ritz vectors, plus those of the
+# oversampled ones whose σ is ≥ WARM_GAP·σ_k — close enough to swap places with a wanted
+# triplet by the next checkpoint. Weaker ones are left out: the warm block is the basis plus
+# one random column, and every column costs compute on every pass. Measured (k = 1, 4096×11008
+# bf16 RL-like series, C++ backend, 2 cores, median warm step, carrying all k + 2 vs this):
+# σ₂/σ₁ = 0.35 32.9 → 24.3 ms (1e-3 rad drift per checkpoint) and 46.1 → 35.5 ms (3e-2 rad);
+# σ₂/σ₁ = 0.6 44.7 → 41.7 ms; 0.9 unchanged (all carried); the same passes in all four.
+# Carrying only the top-k instead cost 5–7 passes instead of 2 where σ₁ and σ₂ cross.
+WARM_GAP = 0.5
 
 
 def default_oversample(k: int) -> int:
@@ -85,10 +96,8 @@ def default_oversample(k: int) -> int:
     Measured on a 4096×11008 RL-like bf16 update (pyrank.testing.rl_like_pair) with the
     C++ backend on a 2-core CPU: for k = 1 the pass count (6) did not drop for any
     oversample from 1 to 6 while each column costs compute, so 2; for k = 8 and 32, 4–8
-    extra columns saved passes in the noise bulk (45 → 40 and 49 → 39). Warm starts keep
-    the oversampled basis too: with oversample 0 a warm k = 1 step of an RL-like series took
-    the same 2 passes and 13% less time, but where σ₁ and σ₂ are within 0.2% and cross
-    between checkpoints it took 5–7 passes instead of 4."""
+    extra columns saved passes in the noise bulk (45 → 40 and 49 → 39). A warm start
+    carries only the oversampled directions that are near the wanted ones (WARM_GAP)."""
     return min(max(2, k // 2), 8)
 
 
@@ -161,9 +170,11 @@ def svd_lowrank(
         A: (m, n) weight, bfloat16 / float16 / float32 / float64, any strides.
         k: number of triplets (≥ 1); k ≥ min(m, n) is clipped and gives the exact SVD.
         base: (m, n) weight of A's dtype and device, or None for A itself.
-        init: a previous :class:`LowRankSVD` (its oversampled bases are reused) or a
+        init: a previous :class:`LowRankSVD` (its ``basis`` is reused: the top-k Ritz
+            vectors and the near-degenerate oversampled ones, see ``WARM_GAP``) or a
             ``(U, V)`` pair of shapes (m, j), (n, j): warm start, e.g. from the
-            previous checkpoint. The first pass is then one fused two-sided read.
+            previous checkpoint. The first pass is then one fused two-sided read of the
+            basis (at most k + oversample columns) and one random column.
         tol: stop when every residual ``max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖)/σ_1``
             is ≤ tol. For bf16/fp16/fp32 weights the products are fp32, so tolerances
             much below ~1e-6 may not be reachable; the result then says
@@ -219,8 +230,10 @@ def svd_lowrank(
         # A random column rides along: it makes a stale (invariant but no longer dominant)
         # warm subspace impossible to mistake for the answer, and lets a zero product prove
         # Δ = 0. (One is enough for both; each extra column costs compute on every pass.)
-        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, l + 1), gen)
-        pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, l + 1), gen)
+        # (the block is as wide as the basis given, ≤ l: see WARM_GAP for how results choose it)
+        w = min(l, U0.shape[1], V0.shape[1]) + 1
+        pend_u = _complete(_orth_against(None, U0[:, :l], 0.0, m), min(m, w), gen)
+        pend_v = _complete(_orth_against(None, V0[:, :l], 0.0, n), min(n, w), gen)
     elif n <= m:  # start on the smaller side: k ≥ min(m, n) is then exact in 2 passes
         pend_u, pend_v = like.new_zeros(m, 0), _random_orth(n, l, gen, like)
     else:
@@ -346,6 +359,8 @@ def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowR
         rel = torch.cat([rel, rel.new_full((k - kk,), pad_res)])
     Uk, Vk = _fix_signs(Uk, Vk)
     keep = min(l, P.shape[1])
+    if kk >= 1 and float(sig[kk - 1]) > 0:  # the warm basis: see WARM_GAP
+        keep = min(keep, kk + int((sig[kk:keep] >= WARM_GAP * sig[kk - 1]).sum()))
     basis = (U @ P[:, :keep], V @ Q[:, :keep])
     return LowRankSVD(Uk, S, Vk, passes, rel, bool(converged), basis=basis)
 

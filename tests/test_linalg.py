@@ -337,3 +337,38 @@ def test_every_backend_broadcast_base(backend, dtype, axis):
     res = pyrank.svd_lowrank(A, 2, base=B, backend=backend, fro=True)
     check_result(res, A, B, 2, 1e-4)
     assert res.fro == pytest.approx(float(exact_delta(A, B).norm()), rel=1e-5)
+
+
+# ------------------------------------------------------------------ the warm basis
+
+
+@pytest.mark.parametrize("sigma,k,width", [
+    ([1.0, 0.3, 0.1, 0.05], 1, 1),        # a clear gap: only the wanted triplet is carried
+    ([1.0, 0.999, 0.3, 0.1], 1, 2),       # σ₂ ≈ σ₁ may overtake it by the next checkpoint
+    ([1.0, 0.9, 0.85, 0.2, 0.1], 2, 3),   # σ₃ ≥ σ₂/2: carried; σ₄ is not
+    ([1.0, 0.8, 0.7, 0.6, 0.55], 1, 3),   # all oversampled ones are close: all l = k + 2
+])
+def test_warm_basis_keeps_near_degenerate_directions(sigma, k, width):
+    A, B = _pair(120, 90, sigma, torch.float32, seed=11)
+    res = pyrank.svd_lowrank(A, k, base=B)
+    assert res.basis[0].shape == (120, width) and res.basis[1].shape == (90, width)
+    assert pyrank.linalg.WARM_GAP == 0.5
+
+
+def test_warm_start_through_a_crossing():
+    """σ₁ and σ₂ swap places between checkpoints: the warm start must follow the new top
+    triplet (it carries the near-degenerate σ₂ direction), not the old one."""
+    m, n = 300, 400
+    g = torch.Generator().manual_seed(3)
+    a = pyrank.testing.random_orthonormal(m, 3, g)
+    b = pyrank.testing.random_orthonormal(n, 3, g)
+    prev = None
+    for t in range(6):
+        s = torch.tensor([1.0 + 0.002 * (t - 2.5), 1.0 - 0.002 * (t - 2.5), 0.2], dtype=torch.float64)
+        D = (a * s) @ b.T + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)
+        A, B = D.float(), torch.zeros(m, n)
+        res = pyrank.svd_lowrank(A, 1, base=B, init=prev)
+        check_result(res, A, B, 1, 1e-4)
+        if prev is not None:
+            assert res.passes <= 3, f"step {t}: {res.passes} passes"
+        prev = res
