@@ -27,6 +27,7 @@ def make_weight(m, n, rank=1024, power=0.6, seed=0):
     from pyrank.testing import random_orthonormal
 
     g = torch.Generator().manual_seed(seed)
+    rank = min(rank, m, n)  # (small shapes: a smoke test's)
     a, b = random_orthonormal(m, rank, g), random_orthonormal(n, rank, g)
     s = (torch.arange(rank, dtype=torch.float64) + 1) ** -power
     W = ((a * s) @ b.T).float() + 2e-4 * torch.randn(m, n, generator=g)

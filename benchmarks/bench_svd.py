@@ -14,11 +14,17 @@ Accuracy is against a float64 LAPACK SVD of the exact stored ΔW: max |σ_i − 
 the top k, and the largest principal angle between the top-k left subspaces (degrees; it is
 ill-defined, for every method, where σ_k sits inside the noise bulk — see σ_k/σ_{k+1}).
 
-Each method runs in its own subprocess; "extra peak RSS" is its peak resident memory beyond
-the inputs (W_0, W_1, W_2 in bf16), over all k (and cold + warm for pyrank).
+Each method runs in its own subprocess; "extra peak memory" is its peak resident memory
+(CPU) or peak allocated GPU memory (--device cuda) beyond the inputs (W_0, W_1, W_2 in
+bf16), over all k (and cold + warm for pyrank).
 
     python benchmarks/bench_svd.py                      # full run (~20 min on 2 cores)
     python benchmarks/bench_svd.py --shapes 1024x2048 --ks 1,8 --no-write   # quick look
+    python benchmarks/bench_svd.py --device cuda --backends triton,torch --shapes 8192x28672 --ks 1,8
+
+With --device cuda the weights, every baseline and the float64 reference run on the GPU
+(sklearn, a CPU library, is skipped). That path has not run on a GPU yet (no session that
+wrote it had one); its CPU counterpart is what RESULTS.md reports.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, markdown_table, peak_rss_mb, reset_peak_rss, rss_mb, timed  # noqa: E402
+from common import PeakMemory, emit, machine, markdown_table, timed  # noqa: E402
 
 SEED = 0
 
@@ -44,13 +50,16 @@ def make_data(m, n):
     return W0, W1, W2
 
 
-def reference(m, n, kmax, path):
-    """float64 LAPACK SVD of both checkpoints' exact ΔW; top kmax vectors saved to ``path``."""
+def reference(m, n, kmax, path, device):
+    """float64 SVD (LAPACK, or cuSOLVER with --device cuda) of both checkpoints' exact ΔW;
+    top kmax vectors saved to ``path`` (on the CPU)."""
     W0, W1, W2 = make_data(m, n)
     out = {}
     for name, W in (("cold", W1), ("warm", W2)):
-        U, S, Vh = torch.linalg.svd(W.double() - W0.double(), full_matrices=False)
-        out[name] = (U[:, :kmax].clone(), S.clone(), Vh[:kmax].T.clone())
+        D = W.to(device).double() - W0.to(device).double()
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        out[name] = (U[:, :kmax].cpu().clone(), S.cpu().clone(), Vh[:kmax].T.cpu().clone())
+        del D, U, S, Vh
     torch.save(out, path)
 
 
@@ -64,20 +73,21 @@ def accuracy(U, S, ref, k):
     return serr, angle
 
 
-def worker(method, m, n, ks, ref_path, repeats):
+def worker(method, m, n, ks, ref_path, repeats, device):
     """Run one method for every k; print one JSON line per k."""
-    W0, W1, W2 = make_data(m, n)
+    dev = torch.device(device)
+    W0, W1, W2 = (W.to(dev) for W in make_data(m, n))
     refs = torch.load(ref_path)
     rows = []
     # Memory beyond the inputs: count the peak from here (the data above is every method's).
-    import gc
+    mem = PeakMemory(dev)
 
-    gc.collect()
-    resettable = reset_peak_rss()
-    rss0 = rss_mb()
+    def timed_here(fn, repeats=repeats, warmup=1):
+        return timed(fn, repeats, warmup, device=dev)
+
     if method == "torch.linalg.svd":  # k-independent: one run serves every k
-        t, (U, S, V) = timed(lambda: torch.linalg.svd(W1.float() - W0.float(), full_matrices=False),
-                             repeats=1, warmup=0)
+        t, (U, S, V) = timed_here(lambda: torch.linalg.svd(W1.float() - W0.float(), full_matrices=False),
+                                  repeats=1, warmup=0)
         for k in ks:
             serr, ang = accuracy(U, S, refs["cold"], k)
             rows.append(dict(k=k, time_s=t, passes="dense", sigma_err=serr, angle_deg=ang))
@@ -88,11 +98,11 @@ def worker(method, m, n, ks, ref_path, repeats):
 
             backend = method[len("pyrank["):-1]
 
-            t, res = timed(lambda: pyrank.svd_lowrank(W1, k, base=W0, backend=backend), repeats)
+            t, res = timed_here(lambda: pyrank.svd_lowrank(W1, k, base=W0, backend=backend))
             serr, ang = accuracy(res.U, res.S, refs["cold"], k)
             rows.append(dict(k=k, time_s=t, passes=res.passes, sigma_err=serr, angle_deg=ang,
                              converged=res.converged))
-            tw, rw = timed(lambda: pyrank.svd_lowrank(W2, k, base=W0, init=res, backend=backend), repeats)
+            tw, rw = timed_here(lambda: pyrank.svd_lowrank(W2, k, base=W0, init=res, backend=backend))
             serr, ang = accuracy(rw.U, rw.S, refs["warm"], k)
             rows.append(dict(k=k, time_s=tw, passes=rw.passes, sigma_err=serr, angle_deg=ang,
                              converged=rw.converged, variant="warm"))
@@ -114,10 +124,10 @@ def worker(method, m, n, ks, ref_path, repeats):
             passes = 2 * n_iter + 2
         else:
             raise SystemExit(f"unknown method {method}")
-        t, (U, S, V) = timed(fn, repeats)
+        t, (U, S, V) = timed_here(fn)
         serr, ang = accuracy(U, S, refs["cold"], k)
         rows.append(dict(k=k, time_s=t, passes=passes, sigma_err=serr, angle_deg=ang))
-    extra = peak_rss_mb() - rss0 if resettable else float("nan")
+    extra = mem.extra_mb()
     for r in rows:
         r.setdefault("variant", "cold")
         print(json.dumps({**r, "method": method, "extra_rss_mb": extra}), flush=True)
@@ -133,32 +143,38 @@ def main():
     ap.add_argument("--backends", default="auto", help="comma list of pyrank backends to run (default auto)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of baselines to skip")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the weights live and every method runs (default cpu)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "SHAPE", "KS", "REF"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, shape, ks, ref = args.worker
         m, n = map(int, shape.split("x"))
-        worker(method, m, n, [int(k) for k in ks.split(",")], ref, args.repeats)
+        worker(method, m, n, [int(k) for k in ks.split(",")], ref, args.repeats, args.device)
         return
 
     import pyrank.ops
 
-    backends = [pyrank.ops.resolve_backend(b, torch.device("cpu"))[0] for b in args.backends.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    backends = [pyrank.ops.resolve_backend(b, torch.device(args.device))[0] for b in args.backends.split(",")]
     mine = [f"pyrank[{b}]" for b in backends]
     ks = [int(k) for k in args.ks.split(",")]
     skip = {s for s in args.skip.split(",") if s}
+    if args.device == "cuda":
+        skip.add("sklearn.randomized_svd")  # a CPU library: not a GPU user's alternative
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
             m, n = map(int, shape.split("x"))
             ref = os.path.join(tmp, f"ref_{shape}.pt")
             print(f"[{shape}] float64 reference ...", file=sys.stderr, flush=True)
-            reference(m, n, max(ks), ref)
+            reference(m, n, max(ks), ref, args.device)
             S_ref = torch.load(ref)["cold"][1]
             for method in mine + [b for b in BASELINES if b not in skip]:
                 print(f"[{shape}] {method} ...", file=sys.stderr, flush=True)
-                cmd = [sys.executable, __file__, "--repeats", str(args.repeats),
+                cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--device", args.device,
                        "--worker", method, shape, args.ks, ref]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
@@ -182,14 +198,15 @@ def main():
     cols = [("shape", "shape", "{}"), ("k", "k", "{}"), ("σ_k/σ_k+1", "gap", "{:.2f}"),
             ("method", "method", "{}"), ("start", "variant", "{}"), ("time (s)", "time_s", "{:.3f}"),
             ("passes", "passes", "{}"), ("max σ err/σ1", "sigma_err", "{:.1e}"),
-            ("max angle (°)", "angle_deg", "{:.2g}"), ("extra peak RSS (MB)", "extra_rss_mb", "{:.0f}")]
+            ("max angle (°)", "angle_deg", "{:.2g}"),
+            ("extra peak GPU memory (MB)" if args.device == "cuda" else "extra peak RSS (MB)", "extra_rss_mb", "{:.0f}")]
     table = markdown_table(rows, cols)
     ratio_rows = [r for r in rows if r["method"] in mine]
     rcols = [("shape", "shape", "{}"), ("k", "k", "{}"), ("method", "method", "{}"), ("start", "variant", "{}"),
              ("pyrank (s)", "time_s", "{:.3f}"), ("passes", "passes", "{}")] + [
         (f"× vs {b}", "x_" + b, "{:.1f}") for b in BASELINES if b not in skip]
     ratios = markdown_table(ratio_rows, rcols)
-    text = (f"Machine: {machine()}\n\npyrank tol = 1e-4; median of {args.repeats} "
+    text = (f"Machine: {machine()}\n\nDevice: {args.device}; pyrank tol = 1e-4; median of {args.repeats} "
             f"(dense SVD: 1 run).\n\nSpeed-up of pyrank (baseline time ÷ pyrank time):\n\n{ratios}\n\n"
             f"All rows:\n\n{table}\n")
     emit("bench_svd", rows, text, not args.no_write)

@@ -16,6 +16,10 @@ Accuracy: pyrank's σ₁ and u₁ against torch.linalg.svd (float64) on the samp
 
     python benchmarks/bench_track.py                          # ~6 min on 2 cores
     python benchmarks/bench_track.py --modules 2 --steps 4 --shape 1024x2048 --no-write
+    python benchmarks/bench_track.py --device cuda --shape 8192x28672 --modules 4
+
+With --device cuda the series lives on the GPU and every method runs there, timed to the
+end of its GPU work. That path has not run on a GPU yet (no session that wrote it had one).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, markdown_table, peak_rss_mb  # noqa: E402
+from common import emit, machine, markdown_table, peak_rss_mb, sync  # noqa: E402
 
 
 
@@ -39,32 +43,41 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dense-sample", type=int, default=2, help="pairs timed with torch.linalg.svd")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    dev = torch.device(args.device)
 
     import pyrank
     from pyrank.testing import rl_like_series
 
     m, n = map(int, args.shape.split("x"))
-    be = pyrank.ops.resolve_backend(args.backend, torch.device("cpu"))[0]
+    be = pyrank.ops.resolve_backend(args.backend, dev)[0]
     tracker = pyrank.Rank1Tracker(k=1, backend=be)
     t_pyrank = t_lowrank = 0.0
     dense_times, errs = [], []
     for mod in range(args.modules):
         name = f"model.layers.{mod}.mlp.up_proj.weight"
         W0, series = rl_like_series(m, n, args.steps, angle=1e-3, seed=100 + mod)
+        W0, series = W0.to(dev), [W.to(dev) for W in series]
         for step, Wt in enumerate(series, start=1):
+            sync(dev)
             t = time.perf_counter()
             tracker.observe(step, {name: Wt}, {name: W0})
+            sync(dev)
             t_pyrank += time.perf_counter() - t
             t = time.perf_counter()
             torch.svd_lowrank(Wt.float() - W0.float(), q=6, niter=2)
+            sync(dev)
             t_lowrank += time.perf_counter() - t
             if len(dense_times) < args.dense_sample and step in (1, args.steps):
                 t = time.perf_counter()
                 U, S, Vh = torch.linalg.svd(Wt.float() - W0.float(), full_matrices=False)
+                sync(dev)
                 dense_times.append(time.perf_counter() - t)
-                Ur, Sr, _ = torch.linalg.svd(Wt.double() - W0.double(), full_matrices=False)
+                Ur, Sr, _ = (T.cpu() for T in torch.linalg.svd(Wt.double() - W0.double(), full_matrices=False))
                 h = tracker.history(name)
                 i = h["steps"].index(float(step))
                 errs.append((abs(float(h["sigma"][i, 0]) - float(Sr[0])) / float(Sr[0]),
@@ -88,8 +101,10 @@ def main():
             ("passes", "passes", "{}"), ("pyrank speed-up", "x", "{:.1f}×"), ("note", "note", "{}")]
     acc = (f"pyrank vs float64 LAPACK on the sampled pairs: max σ₁ error {max(e for e, _ in errs):.1e} (relative), "
            f"max u₁ angle {max(a for _, a in errs):.2g}°.")
-    text = (f"Machine: {machine()}\n\n{args.modules} modules × {args.steps} checkpoints of {args.shape} bf16 "
-            f"(rl_like_series, ~1e-3 rad drift per checkpoint); peak RSS {peak_rss_mb():.0f} MB.\n\n"
+    peak = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if dev.type == "cuda"
+            else f"peak RSS {peak_rss_mb():.0f} MB")
+    text = (f"Machine: {machine()}\n\nDevice: {args.device}. {args.modules} modules × {args.steps} checkpoints "
+            f"of {args.shape} bf16 (rl_like_series, ~1e-3 rad drift per checkpoint); {peak}.\n\n"
             f"{markdown_table(rows, cols)}\n\n{acc}\n")
     emit("bench_track", rows, text, not args.no_write)
 

@@ -26,17 +26,56 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1):
-    """(median seconds, last result) of ``fn()`` after ``warmup`` untimed calls."""
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1, device="cpu"):
+    """(median seconds, last result) of ``fn()`` after ``warmup`` untimed calls; on a CUDA
+    device every call is timed to the end of its GPU work."""
     out = None
     for _ in range(warmup):
         out = fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
+
+
+class PeakMemory:
+    """Peak memory beyond what was in use at construction, in MB: resident memory on the CPU
+    (Linux: via clear_refs; NaN where unsupported), allocated memory on a CUDA device."""
+
+    def __init__(self, device):
+        import gc
+
+        gc.collect()
+        self.cuda = getattr(device, "type", device) == "cuda"
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            self.ok = True
+        else:
+            self.ok = reset_peak_rss()
+            self.base = rss_mb()
+
+    def extra_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return peak_rss_mb() - self.base if self.ok else float("nan")
 
 
 def _status_mb(field: str):
