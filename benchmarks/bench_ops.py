@@ -18,13 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, markdown_table  # noqa: E402
+from common import emit, machine, markdown_table, sync  # noqa: E402
 
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_time(fn, dev, repeats):

@@ -38,7 +38,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, emit, machine, markdown_table, timed  # noqa: E402
+from common import PeakMemory, emit, machine, markdown_table, require_device, timed  # noqa: E402
 
 SEED = 0
 
@@ -156,8 +156,7 @@ def main():
 
     import pyrank.ops
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    require_device(args.device)
     backends = [pyrank.ops.resolve_backend(b, torch.device(args.device))[0] for b in args.backends.split(",")]
     mine = [f"pyrank[{b}]" for b in backends]
     ks = [int(k) for k in args.ks.split(",")]

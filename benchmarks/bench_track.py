@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, markdown_table, peak_rss_mb, sync  # noqa: E402
+from common import emit, machine, markdown_table, peak_rss_mb, require_device, sync  # noqa: E402
 
 
 
@@ -46,8 +46,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    require_device(args.device)
     dev = torch.device(args.device)
 
     import pyrank

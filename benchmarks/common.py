@@ -34,6 +34,14 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def require_device(device: str) -> None:
+    """Stop with a clear message when --device cuda is asked for without a CUDA device."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+
+
 def timed(fn, repeats: int = 3, warmup: int = 1, device="cpu"):
     """(median seconds, last result) of ``fn()`` after ``warmup`` untimed calls; on a CUDA
     device every call is timed to the end of its GPU work."""
