@@ -40,6 +40,8 @@ def _extensions():
     ext = Pybind11Extension(
         "pyrank._C",
         sources=["csrc/pyrank_C.cpp"],
+        # kernels.cpp is compiled per variant below; listing it here makes an edit relink
+        depends=["csrc/kernels.cpp", "csrc/kernels.h"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=common + [f"-DPYRANK_HAVE_{s.upper()}=1" for s in isas],
