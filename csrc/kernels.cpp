@@ -5,14 +5,16 @@
 // no inline function with external linkage is shared between variants, so the linker can
 // never substitute an AVX-512 copy of a helper into the portable path.
 //
-// The work is memory-bound (METHODS.md §6): each kernel reads A and B exactly once, converts
-// a tile of G rows × J columns of A − B to fp32 into an L1-resident buffer, and uses it for
-// every product it was asked for. The products are register-blocked (GCC vector extensions
-// sized to the variant's ISA, so one source serves every ISA): a block of rows × up to 4
-// columns of partial sums stays in registers, so each load of Δ feeds several columns and
-// each load of X or of an accumulator feeds several rows. Against the one-column `omp simd`
-// sweeps they replaced (interleaved A/B, 4096×11008 bf16, 2 cores): the fused two-sided pass
-// 1.05–1.09× faster at k = 1–2, 1.3–1.6× at k = 4–32.
+// The work is memory-bound (METHODS.md §6): each kernel reads A and B exactly once. Products
+// of up to 4 columns a side (the top-1 SVD, warm starts) keep a few rows of A − B in vector
+// registers, converted straight from A and B, and use them for every product at once. Wider
+// ones convert a tile of G rows × J columns of A − B to fp32 into an L1-resident buffer and
+// run register-blocked products over it: a block of rows × up to 4 columns of partial sums
+// stays in registers, so each load of Δ feeds several columns and each load of X or of an
+// accumulator feeds several rows. Both use GCC vector extensions sized to the variant's ISA,
+// so one source serves every ISA. Against the one-column `omp simd` sweeps they replaced
+// (interleaved A/B, 4096×11008 bf16, 2 cores) the fused two-sided pass is 1.1–1.4× faster at
+// k = 1–4 and 1.3–1.6× at k = 8–32.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,29 +218,158 @@ static void dty_rows(const float* dt, int64_t rows, const float* Ytile, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- few-column fast path
+//
+// The top-1 SVD and warm starts multiply 1–3 columns a side. There the fp32 tile costs
+// more than its reuse saves: this path converts RR rows of Δ straight from A and B into
+// registers and uses each vector for every product at once (the Δ·X partial sums stay in
+// registers for a whole row, the Δᵀ·Y accumulator chunk is loaded and stored once per RR
+// rows). AVX2 / AVX-512 variants only.
+#if defined(__AVX2__) || defined(__AVX512F__)
+#define PYRANK_FAST_PATH 1
+constexpr int FAST_K = 4;  // the fast path serves kx, ky ≤ FAST_K
+constexpr int NREG = VL == 16 ? 32 : 16;
+typedef uint32_t vu32 __attribute__((vector_size(VL * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(VL * 2)));
+typedef _Float16 vh16 __attribute__((vector_size(VL * 2)));
+
+template <int DT> static inline vf vload_w(const typename Elem<DT>::T* p);
+template <> inline vf vload_w<kBF16>(const uint16_t* p) {
+  vu16 h;
+  memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu32) << 16);
+}
+template <> inline vf vload_w<kF16>(const uint16_t* p) {
+  vh16 h;
+  memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vf);  // vcvtph2ps
+}
+template <> inline vf vload_w<kF32>(const float* p) { return vload(p); }
+
+// rows per sweep: as many as leave registers for each row's KX partial sums
+template <int KX> constexpr int fast_rows() {
+  return KX == 0 ? 8 : ((NREG - 8) / (KX + 1) > 8 ? 8 : ((NREG - 8) / (KX + 1) < 2 ? 2 : (NREG - 8) / (KX + 1)));
+}
+
+// One sweep over RR whole rows. a[r], b[r]: row r of A and B (padding rows point both at one
+// row: Δ = 0 exactly); y: RR×KY rows of Y (zero for padding rows); acc (KY rows, stride as)
+// += Δᵀ·y; sx (RR×KX) = Δ·X with XT rows of stride xs; with SQ, *sq += ‖Δ‖² of these rows.
+template <int DT, int KX, int KY, bool SQ>
+static void fast_sweep(const void* const* av, const void* const* bv, int64_t n, const float* XT,
+                       int64_t xs, const float* y, float* acc, int64_t as, float* sx, double* sq) {
+  typedef typename Elem<DT>::T T;
+  constexpr int RR = fast_rows<KX>();
+  const T* const* a = (const T* const*)av;
+  const T* const* b = (const T* const*)bv;
+  vf s[RR][KX > 0 ? KX : 1] = {};
+  vf q0 = {}, q1 = {};  // two chains: the squares of RR rows are added per vector
+  int64_t j = 0;
+  for (; j + VL <= n; j += VL) {
+    vf d[RR];
+    for (int r = 0; r < RR; ++r) d[r] = vload_w<DT>(a[r] + j) - vload_w<DT>(b[r] + j);
+    for (int c = 0; c < KX; ++c) {
+      const vf x = vload(XT + c * xs + j);
+      for (int r = 0; r < RR; ++r) s[r][c] += d[r] * x;
+    }
+    for (int c = 0; c < KY; ++c) {
+      vf t = vload(acc + c * as + j);
+      for (int r = 0; r < RR; ++r) t += d[r] * y[r * KY + c];
+      vstore(acc + c * as + j, t);
+    }
+    if (SQ) {
+      for (int r = 0; r < RR; r += 2) q0 += d[r] * d[r];
+      for (int r = 1; r < RR; r += 2) q1 += d[r] * d[r];
+    }
+  }
+  float ps[RR][KX > 0 ? KX : 1];
+  float qs = SQ ? hsum(q0 + q1) : 0.0f;
+  for (int r = 0; r < RR; ++r)
+    for (int c = 0; c < KX; ++c) ps[r][c] = hsum(s[r][c]);
+  for (; j < n; ++j) {  // the last n mod VL columns
+    for (int r = 0; r < RR; ++r) {
+      const float d = Elem<DT>::load(a[r][j]) - Elem<DT>::load(b[r][j]);
+      for (int c = 0; c < KX; ++c) ps[r][c] += d * XT[c * xs + j];
+      for (int c = 0; c < KY; ++c) acc[c * as + j] += d * y[r * KY + c];
+      if (SQ) qs += d * d;
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int c = 0; c < KX; ++c) sx[r * KX + c] = ps[r][c];
+  if (SQ) *sq += qs;
+}
+
+typedef void (*FastFn)(const void* const*, const void* const*, int64_t, const float*, int64_t,
+                       const float*, float*, int64_t, float*, double*);
+
+template <int DT, int KX, bool SQ> static FastFn fast_for_ky(int64_t ky) {
+  switch (ky) {
+    case 0: return &fast_sweep<DT, KX, 0, SQ>;
+    case 1: return &fast_sweep<DT, KX, 1, SQ>;
+    case 2: return &fast_sweep<DT, KX, 2, SQ>;
+    case 3: return &fast_sweep<DT, KX, 3, SQ>;
+    default: return &fast_sweep<DT, KX, 4, SQ>;
+  }
+}
+
+template <int DT, bool SQ> static FastFn fast_for(int64_t kx, int64_t ky, int* rows) {
+  switch (kx) {
+    case 0: *rows = fast_rows<0>(); return fast_for_ky<DT, 0, SQ>(ky);
+    case 1: *rows = fast_rows<1>(); return fast_for_ky<DT, 1, SQ>(ky);
+    case 2: *rows = fast_rows<2>(); return fast_for_ky<DT, 2, SQ>(ky);
+    case 3: *rows = fast_rows<3>(); return fast_for_ky<DT, 3, SQ>(ky);
+    default: *rows = fast_rows<4>(); return fast_for_ky<DT, 4, SQ>(ky);
+  }
+}
+
+// Requires unit column strides (the caller checks). XT rows have stride xs, acc rows as.
 template <int DT>
-static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, int64_t kx,
-                       float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
-                       int nthreads) {
-  if (nthreads < 1) nthreads = 1;
-  const int64_t np = (n + VL - 1) / VL * VL;  // row length padded to whole vectors
-  // X (and the Δᵀ·Y accumulators) with rows padded to np: the last chunk's vector loads
-  // and stores then stay in bounds, and the padding multiplies the zero padding of dt.
-  float* XT = nullptr;
-  if (kx > 0) {
-    XT = (float*)calloc((size_t)(kx * np), sizeof(float));
-    if (!XT) abort();
-    for (int64_t c = 0; c < kx; ++c) memcpy(XT + c * np, XT_in + c * n, sizeof(float) * n);
+static void fast_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64_t xs, int64_t kx,
+                      float* out_x, const float* Y, int64_t ky, float* acc_all, int64_t as,
+                      double* sq, int nthreads) {
+  typedef typename Elem<DT>::T T;
+  int RR = 0;
+  const FastFn fn = sq ? fast_for<DT, true>(kx, ky, &RR) : fast_for<DT, false>(kx, ky, &RR);
+  // Δ = A alone: subtract a shared zero row (it stays in cache), so one sweep serves both
+  T* zero = B.p ? nullptr : (T*)calloc((size_t)n, sizeof(T));
+  if (!B.p && !zero) abort();
+  const int64_t ntiles = (m + RR - 1) / RR;
+  double sqsum = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : sqsum)
+  {
+    const int t = omp_get_thread_num();
+    float* acc = ky > 0 ? acc_all + (int64_t)t * ky * as : nullptr;
+    const void* pa[8];
+    const void* pb[8];
+    float y[8 * FAST_K];
+    float sx[8 * FAST_K];
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const int64_t i0 = tile * RR, rows = imin(RR, m - i0);
+      for (int64_t r = 0; r < RR; ++r) {
+        if (r < rows) {
+          pa[r] = (const T*)A.p + (i0 + r) * A.s0;
+          pb[r] = B.p ? (const T*)B.p + (i0 + r) * B.s0 : zero;
+        } else {  // padding: Δ = row − itself = 0 exactly
+          pa[r] = pb[r] = pa[0];
+        }
+        for (int64_t c = 0; c < ky; ++c) y[r * ky + c] = r < rows ? Y[(i0 + r) * ky + c] : 0.0f;
+      }
+      fn(pa, pb, n, XT, xs, y, acc, as, sx, &sqsum);
+      for (int64_t r = 0; r < rows && kx > 0; ++r)
+        memcpy(out_x + (i0 + r) * kx, sx + r * kx, sizeof(float) * kx);
+    }
   }
-  // Δᵀ·Y: each thread accumulates its rows' contribution privately, then one reduction.
-  float* acc_all = nullptr;
-  if (ky > 0) {
-    const int64_t per = ky * np;
-    // keep the private accumulators within ~512 MiB whatever the thread count
-    while (nthreads > 1 && (int64_t)nthreads * per * 4 > (int64_t(1) << 29)) --nthreads;
-    acc_all = (float*)calloc((size_t)nthreads * per, sizeof(float));
-    if (!acc_all) abort();
-  }
+  free(zero);
+  if (sq) *sq = sqsum;
+}
+#endif  // AVX2 / AVX-512
+
+// The general path: any k, any strides. XT rows and the per-thread Δᵀ·Y accumulators
+// (acc_all: one ky×np block per thread) have stride np, n rounded up to whole vectors.
+template <int DT>
+static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const float* XT,
+                       int64_t kx, float* out_x, const float* Y, int64_t ky, float* acc_all,
+                       double* sq, int nthreads) {
   // Few columns: the pass is memory-bound and 8-row tiles keep 16 row streams for the
   // prefetchers. More columns: cache traffic of X and the Δᵀ·Y accumulators (once per tile)
   // dominates, and taller tiles cut it. Measured on 4096×11008 bf16, 2 cores, interleaved
@@ -287,8 +418,39 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, i
     free(sx);
     free(ytile);
   }
-  free(XT);
   if (sq) *sq = sqsum;
+}
+
+template <int DT>
+static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, int64_t kx,
+                       float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
+                       int nthreads) {
+  if (nthreads < 1) nthreads = 1;
+  const int64_t np = (n + VL - 1) / VL * VL;  // row length padded to whole vectors
+  // X (and the Δᵀ·Y accumulators) with rows padded to np: the last chunk's vector loads
+  // and stores then stay in bounds, and the padding multiplies the zero padding of dt.
+  float* XT = nullptr;
+  if (kx > 0) {
+    XT = (float*)calloc((size_t)(kx * np), sizeof(float));
+    if (!XT) abort();
+    for (int64_t c = 0; c < kx; ++c) memcpy(XT + c * np, XT_in + c * n, sizeof(float) * n);
+  }
+  // Δᵀ·Y: each thread accumulates its rows' contribution privately, then one reduction.
+  float* acc_all = nullptr;
+  if (ky > 0) {
+    const int64_t per = ky * np;
+    // keep the private accumulators within ~512 MiB whatever the thread count
+    while (nthreads > 1 && (int64_t)nthreads * per * 4 > (int64_t(1) << 29)) --nthreads;
+    acc_all = (float*)calloc((size_t)nthreads * per, sizeof(float));
+    if (!acc_all) abort();
+  }
+#if defined(PYRANK_FAST_PATH)
+  if (kx <= FAST_K && ky <= FAST_K && A.s1 == 1 && (!B.p || B.s1 == 1))
+    fast_impl<DT>(m, n, A, B, XT, np, kx, out_x, Y, ky, acc_all, np, sq, nthreads);
+  else
+#endif
+    tiled_impl<DT>(m, n, np, A, B, XT, kx, out_x, Y, ky, acc_all, sq, nthreads);
+  free(XT);
   if (ky > 0) {
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < ky; ++c)

@@ -37,6 +37,17 @@ def test_every_variant_matches_reference(variant, dtype, layout, shape_k):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
+@pytest.mark.parametrize("with_base", [True, False], ids=["A-B", "A"])
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_every_variant_both_kernel_paths(variant, dtype, with_base, k):
+    """Products of ≤ 4 columns a side take the register-only path on AVX2/AVX-512, wider ones
+    the tiled path (_check_all's Y is k + 1 wide, so k = 4 mixes them); 29 rows leave padding
+    rows in every row block, 83 columns a partial vector."""
+    A, B = make_pair(29, 83, dtype, seed=k, with_base=with_base)
+    _check_all("cpu", A, B, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
 def test_every_variant_merges_like_reference(variant, dtype):
     g = torch.Generator().manual_seed(1)
     W = (torch.randn(70, 301, generator=g) * 0.02).to(dtype)
