@@ -62,8 +62,10 @@ def test_history_sorted_aligned_and_linear():
     assert tr.r2_step("layer.q_proj.weight") > 0.999
     assert bool((h["energy"] > 0.8).all() and (h["energy"] <= 1.0 + 1e-6).all())
     assert math.isnan(float(h["drift_u"][0])) and float(h["drift_u"][1:].max()) < 0.05
-    # warm starts keep every observation cheap (their efficiency is tested in test_linalg)
-    assert max(h["passes"]) <= 4
+    # warm starts keep every observation after the first (step 50, cold) cheap; their
+    # efficiency is tested in test_linalg. (The cold one takes 4–5 passes, seed by seed.)
+    passes = dict(zip(STEPS, h["passes"]))
+    assert passes.pop(50) <= 6 and max(passes.values()) <= 3
     assert bool((h["residual"] <= 1e-4).all())
 
 
