@@ -506,35 +506,62 @@ static inline void store_row(typename Elem<DT>::T* o, int64_t os1, const float* 
   for (int64_t jj = j; jj < len; ++jj) o[jj] = Elem<DT>::store(buf[jj]);
 }
 
+// t (RB rows × J) = US·VT over one chunk, RB output rows in vector registers: each load of
+// VT feeds RB rows. Summation order per element is c = 0, 1, …, as in the fp32 reference.
+template <int RB>
+static void lowrank_rows(const float* US, int64_t k, const float* VT, int64_t vs, int64_t lenv,
+                         float* t) {
+  for (int64_t j = 0; j < lenv; j += VL) {
+    vf acc[RB] = {};
+    for (int64_t c = 0; c < k; ++c) {
+      const vf v = vload(VT + c * vs + j);
+      for (int r = 0; r < RB; ++r) acc[r] += US[r * k + c] * v;
+    }
+    for (int r = 0; r < RB; ++r) vstore(t + r * J + j, acc[r]);
+  }
+}
+
+constexpr int64_t MR = 4;  // rows per merge block
+
 template <int DT>
 static void merge_impl(int64_t m, int64_t n, Mat W, void* out, int64_t os0, int64_t os1,
-                       const float* US, const float* VT, int64_t k, int nthreads) {
+                       const float* US, const float* VT_in, int64_t k, int nthreads) {
   typedef typename Elem<DT>::T T;
   const Mat none = {nullptr, 0, 0};
+  // VT with rows padded to whole vectors (zeros), so the last chunk's loads stay in bounds
+  const int64_t np = (n + VL - 1) / VL * VL;
+  float* VT = (float*)calloc((size_t)(k * np > 0 ? k * np : 1), sizeof(float));
+  if (!VT) abort();
+  for (int64_t c = 0; c < k; ++c) memcpy(VT + c * np, VT_in + c * n, sizeof(float) * n);
+  const int64_t nblocks = (m + MR - 1) / MR;
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
   {
     alignas(64) float w[J];
-    alignas(64) float t[J];
+    alignas(64) float t[MR * J];
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* u = US + i * k;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t i0 = blk * MR, rows = imin(MR, m - i0);
+      const float* u = US + i0 * k;
       for (int64_t j0 = 0; j0 < n; j0 += J) {
-        const int64_t len = imin(J, n - j0);
+        const int64_t len = imin(J, n - j0), lenv = (len + VL - 1) / VL * VL;
         // the low-rank term first, then W: the order the fp32 reference W + (U·S)·Vᵀ uses
-        memset(t, 0, sizeof(float) * len);
-        for (int64_t c = 0; c < k; ++c) {
-          const float uc = u[c];
-          const float* __restrict v = VT + c * n + j0;
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) t[j] += uc * v[j];
+        switch (rows) {
+          case 1: lowrank_rows<1>(u, k, VT + j0, np, lenv, t); break;
+          case 2: lowrank_rows<2>(u, k, VT + j0, np, lenv, t); break;
+          case 3: lowrank_rows<3>(u, k, VT + j0, np, lenv, t); break;
+          default: lowrank_rows<MR>(u, k, VT + j0, np, lenv, t); break;
         }
-        load_delta<DT>(W, none, i, j0, len, w);  // read this chunk before writing it (in place)
+        for (int64_t r = 0; r < rows; ++r) {
+          float* tr = t + r * J;
+          load_delta<DT>(W, none, i0 + r, j0, len, w);  // read this chunk before writing it
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) t[j] += w[j];
-        store_row<DT>((T*)out + i * os0 + j0 * os1, os1, t, len);
+          for (int64_t j = 0; j < len; ++j) tr[j] += w[j];
+          store_row<DT>((T*)out + (i0 + r) * os0 + j0 * os1, os1, tr, len);
+        }
       }
     }
   }
+  free(VT);
 }
 
 static void merge_lowrank(int dtype, int64_t m, int64_t n, Mat W, void* out, int64_t os0,
