@@ -5,7 +5,7 @@ the low-rank directions turn ~1e-3 rad per checkpoint; default 12 × 10 of 4096�
 Every method computes the top-1 triplet of every (module, checkpoint) ΔW:
 
   pyrank             Rank1Tracker(k=1).observe per checkpoint: warm starts, tol 1e-4, plus
-                     ‖ΔW‖_F (one delta_sqnorm pass) for the energy fraction
+                     ‖ΔW‖_F for the energy fraction, summed in the first pass's read
   torch.linalg.svd   full dense SVD of each materialized fp32 ΔW — what AlphaRL's published
                      code does. At ~20–40 s per matrix here, it is timed on --dense-sample
                      (module, checkpoint) pairs and the total is that mean × M·T (labelled).
@@ -33,7 +33,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, markdown_table, peak_rss_mb, require_device, sync  # noqa: E402
-
 
 
 def main():
