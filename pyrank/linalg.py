@@ -107,20 +107,21 @@ def default_oversample(k: int) -> int:
 # ------------------------------------------------------------------ helpers
 
 
-def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int) -> Tuple[Tensor, Tensor]:
+def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int,
+                  coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Orthonormal directions Q of W orthogonal to ``basis`` (at most ``limit``), and E
     with (I − basis·basisᵀ)·W ≈ Q·E.
 
     Block Gram–Schmidt twice ("twice is enough"), then Householder QR and an SVD of
     the small R: directions whose norm falls below ``drop`` are numerically in the
     span already (or in Δ's null space) and are discarded (they are W's part that Q·E
-    leaves out).
+    leaves out). ``coef``: basisᵀ·W if the caller has it already, for the first sweep.
     """
     if W.shape[1] == 0 or limit <= 0:
         return W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
     if basis is not None and basis.shape[1] > 0:
-        for _ in range(2):
-            W = W - basis @ (basis.T @ W)
+        W = W - basis @ (basis.T @ W if coef is None else coef)
+        W = W - basis @ (basis.T @ W)
     Q, R = torch.linalg.qr(W)
     Ur, s, Vh = torch.linalg.svd(R)
     keep = int((s > drop).sum())
@@ -196,6 +197,16 @@ def _ritz(C: Tensor, t: int, cdtype: torch.dtype) -> Tuple[Tensor, Tensor, Tenso
     other = (Cd @ vec if right else Cd.T @ vec) / sig
     P, Q = (other, vec) if right else (vec, other)
     return P.to(cdtype), sig.to(cdtype), Q.to(cdtype)
+
+
+def _residual_estimate(E_u: Optional[Tensor], E_v: Optional[Tensor], Pk: Tensor, Qk: Tensor) -> Tensor:
+    """max(‖Δ·v_i − σ_i·u_i‖, ‖Δᵀ·u_i − σ_i·v_i‖) from the newest blocks (see the solver)."""
+    est = Pk.new_zeros(Pk.shape[1])
+    if E_u is not None:  # the newest columns of YV are the products of V's newest columns
+        est = torch.maximum(est, torch.linalg.vector_norm(E_u @ Qk[-E_u.shape[1]:], dim=0))
+    if E_v is not None:
+        est = torch.maximum(est, torch.linalg.vector_norm(E_v @ Pk[-E_v.shape[1]:], dim=0))
+    return est
 
 
 def _fix_signs(U: Tensor, V: Tensor) -> Tuple[Tensor, Tensor]:
@@ -373,12 +384,15 @@ def svd_lowrank(
         # (keep every direction the block adds: one dropped here would never come back,
         # since later expansions only look at newer products, and the residual would stall)
         # (I − U·Uᵀ)·yv_new = pend_u·E_u and (I − V·Vᵀ)·zu_new = pend_v·E_v
+        # The first Gram–Schmidt sweep's coefficients are blocks of C: Uᵀ·yv_new is its
+        # newest columns, and Vᵀ·zu_new = (Δ·V)ᵀ·pend_u its newest rows, transposed (from
+        # other products, so equal up to their rounding, which the second sweep removes)
         if yv_new is not None:
-            pend_u, E_u = _orth_against(U, yv_new, drop, yv_new.shape[1])
+            pend_u, E_u = _orth_against(U, yv_new, drop, yv_new.shape[1], C[:, C.shape[1] - yv_new.shape[1]:])
         else:
             pend_u, E_u = U[:, :0], None
         if zu_new is not None:
-            pend_v, E_v = _orth_against(V, zu_new, drop, zu_new.shape[1])
+            pend_v, E_v = _orth_against(V, zu_new, drop, zu_new.shape[1], C[C.shape[0] - zu_new.shape[1]:].T)
         else:
             pend_v, E_v = V[:, :0], None
         if not (U.shape[1] and V.shape[1]):
@@ -394,11 +408,7 @@ def svd_lowrank(
         # became directions of U), so ‖Δ·v − σu‖ = ‖E_u·q_new‖ — likewise on the right —
         # up to rounding and dropped directions. Exact residuals from the stored products
         # (m·|basis|·k flops) are computed only to confirm a stop and for the result.
-        est = torch.zeros_like(sk)
-        if E_u is not None:
-            est = torch.maximum(est, torch.linalg.vector_norm(E_u @ Qk[-E_u.shape[1]:], dim=0))
-        if E_v is not None:
-            est = torch.maximum(est, torch.linalg.vector_norm(E_v @ Pk[-E_v.shape[1]:], dim=0))
+        est = _residual_estimate(E_u, E_v, Pk, Qk)
         exhausted = pend_u.shape[1] == 0 and pend_v.shape[1] == 0
         if (sig1 > 0 and bool((est <= tol * sig1).all())) or exhausted or passes >= max_passes:
             r_left = torch.linalg.vector_norm(YV @ Qk - U @ (Pk * sk), dim=0)

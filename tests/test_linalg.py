@@ -372,3 +372,57 @@ def test_warm_start_through_a_crossing():
         if prev is not None:
             assert res.passes <= 3, f"step {t}: {res.passes} passes"
         prev = res
+
+
+@pytest.mark.parametrize("case", ["rl_like", "tinygap", "rankdef", "powerlaw"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_residual_estimate_never_delays_a_stop(monkeypatch, case, k):
+    """Each pass estimates the residuals from the newest block only and confirms a stop
+    with the exact ones. Forcing the confirmation on every pass (an estimate of 0) must
+    stop at the same pass with the same result: the estimate is not above the truth."""
+    import pyrank.linalg as L
+
+    if case == "rl_like":
+        B, A = rl_like_pair(120, 97, seed=k, dtype=torch.float32)
+    else:
+        A, B = _pair(97, 120, SPECTRA[case](60), torch.bfloat16, seed=k)
+    ref = pyrank.svd_lowrank(A, k, base=B, backend="torch")
+    monkeypatch.setattr(L, "_residual_estimate", lambda E_u, E_v, Pk, Qk: Pk.new_zeros(Pk.shape[1]))
+    every = pyrank.svd_lowrank(A, k, base=B, backend="torch")
+    assert ref.converged and every.converged
+    assert ref.passes == every.passes
+    assert torch.equal(ref.S, every.S) and torch.equal(ref.residual, every.residual)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (25, 60), (60, 25), (1, 7), (7, 1)])
+@pytest.mark.parametrize("rank", [None, 3, 0])
+def test_ritz_triplets_match_lapack(shape, rank):
+    """The Rayleigh–Ritz step's Gram-eigendecomposition SVD (with its SVD fallback for
+    rank-deficient and zero matrices) against float64 LAPACK."""
+    from pyrank.linalg import _ritz
+
+    g = torch.Generator().manual_seed(0)
+    C = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if rank == 0:
+        C = C * 0
+    elif rank is not None:
+        r = min(rank, *shape)
+        C = torch.randn(shape[0], r, generator=g, dtype=torch.float64) @ torch.randn(
+            r, shape[1], generator=g, dtype=torch.float64)
+    t = min(shape) if min(shape) < 5 else 5
+    P, sig, Q = _ritz(C.float(), t, torch.float32)
+    Ur, Sr, Vhr = torch.linalg.svd(C.float().double(), full_matrices=False)
+    assert P.shape == (shape[0], t) and sig.shape == (t,) and Q.shape == (shape[1], t)
+    s1 = max(float(Sr[0]), 1e-300)
+    assert (sig.double() - Sr[:t]).abs().max().item() <= 1e-6 * s1
+    # every returned vector is finite and orthonormal, null-space ones included (a restart
+    # or a warm basis may keep them)
+    assert bool(torch.isfinite(P).all() and torch.isfinite(Q).all())
+    assert_orthonormal(P, 1e-5)
+    assert_orthonormal(Q, 1e-5)
+    live = Sr[:t] > 1e-3 * s1
+    if bool(live.any()):
+        # C·q = σ·p and Cᵀ·p = σ·q for every returned triplet that is not in the null space
+        Cf = C.float()
+        assert (Cf @ Q[:, live] - P[:, live] * sig[live]).norm(dim=0).max().item() <= 1e-5 * s1
+        assert (Cf.T @ P[:, live] - Q[:, live] * sig[live]).norm(dim=0).max().item() <= 1e-5 * s1
