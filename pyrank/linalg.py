@@ -22,8 +22,9 @@ basis column's product is stored:
 
 New directions are the parts of the newest products orthogonal to the bases,
 orthonormalized in fp32 (fp64 for fp64 weights) after every product — block
-Gram–Schmidt twice, then Householder QR with a rank-revealing SVD of R, which also
-drops directions the operator has exhausted (rank-deficient or zero Δ).
+Gram–Schmidt twice (a third time for the few directions far weaker than the block's
+strongest), then Householder QR with a rank-revealing SVD of R, which also drops
+directions the operator has exhausted (rank-deficient or zero Δ).
 
 Why Krylov rather than plain subspace iteration (``method="subspace"``, kept for such
 comparisons): on a 1024×2048 RL-like bf16 update (pyrank.testing.rl_like_pair, σ₂/σ₁ =
@@ -107,6 +108,13 @@ def default_oversample(k: int) -> int:
 # ------------------------------------------------------------------ helpers
 
 
+# A kept direction with s_i < REORTH_RATIO·s₀ gets a third Gram–Schmidt sweep (see
+# _orth_against): after two it is within ~0.7·eps·s₀/s_i ≤ 70·eps of orthogonal above the
+# ratio. On 4096×11008 RL-like updates almost no direction is that weak (min s_i/s₀: 5e-3
+# at k = 8, 1e-2 at k = 32), so the sweep costs nothing there.
+REORTH_RATIO = 1e-2
+
+
 def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int,
                   coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Orthonormal directions Q of W orthogonal to ``basis`` (at most ``limit``), and E
@@ -146,13 +154,6 @@ def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int,
             Qn, Rn = torch.linalg.qr(Qw)  # R ≈ diag(±1): undo Householder's sign flips
             Q = torch.cat([Q[:, :keep - weak], Qn * torch.sgn(torch.diagonal(Rn))], 1)
     return Q, E
-
-
-# A kept direction with s_i < REORTH_RATIO·s₀ gets a third Gram–Schmidt sweep (see
-# _orth_against): after two it is within ~0.7·eps·s₀/s_i ≤ 70·eps of orthogonal above the
-# ratio. On 4096×11008 RL-like updates almost no direction is that weak (min s_i/s₀: 5e-3
-# at k = 8, 1e-2 at k = 32), so the sweep costs nothing there.
-REORTH_RATIO = 1e-2
 
 
 class _Cols:
