@@ -147,12 +147,11 @@ def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int,
         # directions that may be more than ~100·eps from orthogonal to the basis
         weak = int((s[:keep] < REORTH_RATIO * s[0]).sum())
         if weak:
-            Qw = Q[:, keep - weak:]
+            strong, Qw = Q[:, :keep - weak], Q[:, keep - weak:]
             Qw = Qw - basis @ (basis.T @ Qw)
-            if keep > weak:
-                Qw = Qw - Q[:, :keep - weak] @ (Q[:, :keep - weak].T @ Qw)
+            Qw = Qw - strong @ (strong.T @ Qw)  # (a zero update when every direction is weak)
             Qn, Rn = torch.linalg.qr(Qw)  # R ≈ diag(±1): undo Householder's sign flips
-            Q = torch.cat([Q[:, :keep - weak], Qn * torch.sgn(torch.diagonal(Rn))], 1)
+            Q = torch.cat([strong, Qn * torch.sgn(torch.diagonal(Rn))], 1)
     return Q, E
 
 
