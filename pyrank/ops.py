@@ -255,7 +255,8 @@ def delta_gram(As, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tens
     """Gram matrix of deltas: G[i, j] = ⟨As[i] − B, As[j] − B⟩ (Frobenius inner products).
 
     As: a sequence of T weights, each of B's shape, dtype and device. Returns a (T, T)
-    float64 tensor on that device; products in the compute dtype, sums in float64.
+    float64 tensor on that device, exactly symmetric; products in the compute dtype, sums
+    in float64.
     """
     As = list(As)
     if not As:
@@ -265,7 +266,11 @@ def delta_gram(As, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tens
     for i, A in enumerate(As):
         check_weights(ref, A, names=(ref_name, f"As[{i}]"))
     _, be = resolve_backend(backend, As[0].device)
-    return be.delta_gram(As, B, compute_dtype(As[0].dtype))
+    G = be.delta_gram(As, B, compute_dtype(As[0].dtype))
+    # Symmetric by construction: the upper triangle, mirrored. A backend's two triangles
+    # may differ in the last bit (D·Dᵀ's two halves are summed in different orders by
+    # some BLAS builds), and callers (eigh, tests) rely on exact symmetry.
+    return G.triu() + G.triu(1).T
 
 
 def _overlaps(a: Tensor, b: Tensor) -> bool:
