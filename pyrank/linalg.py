@@ -51,6 +51,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch import _lowrank as _torch_lowrank
 
 from . import ops
 
@@ -258,12 +259,16 @@ def _start_block(Q0: Tensor, cols: int, gen: torch.Generator) -> Tensor:
 
 
 def _complete(Q: Tensor, cols: int, gen: torch.Generator) -> Tensor:
-    """Extend orthonormal Q to ``cols`` columns with directions orthogonal to it."""
-    rows = Q.shape[0]
-    while Q.shape[1] < cols:
-        extra = _random_orth(rows, cols - Q.shape[1], gen, Q)
-        Q = torch.cat([Q, _orth_against(Q, extra, 0.5, cols - Q.shape[1])[0]], dim=1)
-    return Q
+    """Extend orthonormal Q to ``cols`` ≤ rows columns with directions orthogonal to it.
+
+    The new columns are the trailing ones of one Householder QR of [Q | Gaussian]: they are
+    orthogonal to span(Q) to rounding however close the Gaussian block falls to it, so
+    there is nothing to retry (drawing until a projected block cleared a threshold could
+    loop for seconds, or forever, once Q filled most of the space)."""
+    have = Q.shape[1]
+    if have >= cols:
+        return Q
+    return torch.cat([Q, _start_block(Q, cols, gen)[:, have:]], dim=1)
 
 
 # ------------------------------------------------------------------ solver
@@ -366,9 +371,30 @@ def svd_lowrank(
     scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
     passes = 0
 
+    def stop(P, sig, Q, sk, exhausted, force):
+        """The result if the exact residuals allow a stop (always with ``force``), else None."""
+        kk = sk.shape[0]
+        Pk, Qk = P[:, :kk], Q[:, :kk]
+        sig1 = float(sig[0]) if sig.numel() else 0.0
+        r_left = torch.linalg.vector_norm(YV @ Qk - U @ (Pk * sk), dim=0)
+        r_right = torch.linalg.vector_norm(ZU @ Pk - V @ (Qk * sk), dim=0)
+        rel = torch.maximum(r_left, r_right) / sig1 if sig1 > 0 else torch.zeros_like(sk)
+        converged = (kk == k or exhausted) and bool((rel <= tol).all())
+        if not (converged or force):
+            return None
+        out = _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
+        out.fro = fro_value
+        return out
+
     while True:
-        # ---- one pass: multiply the pending blocks (fused when both sides have some)
         has_u, has_v = pend_u.shape[1] > 0, pend_v.shape[1] > 0
+        if not (has_u or has_v):
+            # A restart found no residual direction above the drop threshold on either
+            # side: the kept Ritz vectors span invariant subspaces (to rounding), so the
+            # Krylov space is exhausted and this is the answer the solver can give.
+            P, sig, Q = _ritz(C, l, cdtype)
+            return stop(P, sig, Q, sig[:min(k, sig.shape[0])], True, True)
+        # ---- one pass: multiply the pending blocks (fused when both sides have some)
         want_sq = fro and passes == 0  # ‖Δ‖_F rides on the first read
         if has_u and has_v:
             out = ops.delta_mm_both(A, base, pend_v, pend_u, sqnorm=want_sq, backend=name)
@@ -439,13 +465,8 @@ def svd_lowrank(
         est = _residual_estimate(E_u, E_v, Pk, Qk)
         exhausted = pend_u.shape[1] == 0 and pend_v.shape[1] == 0
         if (sig1 > 0 and bool((est <= tol * sig1).all())) or exhausted or passes >= max_passes:
-            r_left = torch.linalg.vector_norm(YV @ Qk - U @ (Pk * sk), dim=0)
-            r_right = torch.linalg.vector_norm(ZU @ Pk - V @ (Qk * sk), dim=0)
-            rel = torch.maximum(r_left, r_right) / sig1 if sig1 > 0 else torch.zeros_like(sk)
-            converged = (kk == k or exhausted) and bool((rel <= tol).all())
-            if converged or exhausted or passes >= max_passes:
-                out = _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
-                out.fro = fro_value
+            out = stop(P, sig, Q, sk, exhausted, exhausted or passes >= max_passes)
+            if out is not None:
                 return out
 
         if method == "subspace":
@@ -520,63 +541,110 @@ def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowR
     return LowRankSVD(Uk, S, Vk, passes, rel, bool(converged), basis=basis)
 
 
-def torch_svd_lowrank(
-    A: Tensor, q: Optional[int] = 6, niter: Optional[int] = 2, M: Optional[Tensor] = None, *,
-    tol: float = 1e-4, backend: str = "auto",
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Drop-in for ``torch.svd_lowrank(A, q, niter, M)``: returns ``(U, S, V)``.
+# Below this many elements per matrix the drop-in runs torch's own implementation: its
+# per-call overhead is lower, and a matrix this small is read from cache either way, so a
+# fused read saves nothing. Measured with M on this project's 2-core VM (q = 6, niter = 2):
+# pyrank/torch time 1.31 (float32) and 1.57 (float64) at 64×64, 0.87 and 1.20 at 128×128,
+# 0.52 and 0.89 at 256×256 (benchmarks/bench_lowrank.py has the full table).
+DROPIN_MIN_ELEMS = 1 << 14
 
-    Same arguments and return convention: A is (*, m, n); M (optional) is anything that
-    broadcasts to A's shape, as in torch — a full (*, m, n) base, or a (1, n) column mean
-    for PCA-style centering (``M=A.mean(-2, keepdim=True)``), which is read through a
-    broadcast view and never expanded in memory. Returns U: (*, m, q), S: (*, q),
-    V: (*, n, q) with A − M ≈ U·diag(S)·Vᵀ, computed matrix by matrix by
-    :func:`svd_lowrank` with ``base=M``.
 
-    ``q`` is the rank returned (clipped to min(m, n)); ``niter`` is accepted for
-    compatibility only — pyrank iterates until every residual is ≤ ``tol`` instead.
-    Results are in A's dtype for float32/float64 A, float32 for bf16/fp16 A (which
-    torch.svd_lowrank does not accept at all). M must have A's dtype (torch's matmuls
-    require that too). Sparse A is not supported.
+def torch_svd_lowrank(A: Tensor, q: Optional[int] = 6, niter: Optional[int] = 2,
+                      M: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Drop-in for ``torch.svd_lowrank(A, q, niter, M)``, with pyrank's fused kernels.
+
+    Same arguments, same algorithm, same result: Halko et al.'s randomized range finder
+    (their Algorithm 5.1) with ``niter`` subspace iterations and a Householder QR after
+    every product, exactly as torch runs it — a fixed amount of work, 2·niter + 2 reads of
+    A (and M) — drawing its Gaussian start from the global RNG as torch does (one
+    ``torch.randn(min(m, n), q)`` per call, shared by a batch), so a seeded call gives
+    torch's answer to rounding. Returns ``(U, S, V)`` with A − M ≈ U·diag(S)·Vᴴ, U:
+    (*, m, k), S: (*, k), V: (*, n, k), k = min(q, m, n).
+
+    What pyrank changes is how A − M is read: each product is one fused pass over A and M
+    (``ops.delta_mm`` / ``delta_mm_t``) instead of two matmuls and a subtraction, and M may
+    be any tensor that broadcasts to A (a (1, n) column mean is read as a stride-0 view,
+    never expanded). bfloat16/float16 A, which torch.svd_lowrank cannot take, is accepted:
+    products accumulate in float32 and the start is drawn in float32, so the result is
+    torch's on the float32 copies of A and M, to rounding; results are then float32
+    (A's dtype otherwise).
+
+    Where pyrank has no kernel or nothing to save, the call is torch's own implementation,
+    unchanged (and so are its errors): sparse, complex or integer A; tensor subclasses;
+    inputs that require grad while grad mode is on (torch's version is differentiable);
+    empty inputs; devices other than CPU and CUDA; float32/float64 A without M (the same
+    reads either way); and matrices of fewer than ``DROPIN_MIN_ELEMS`` elements (bf16/fp16
+    ones are upcast to float32 first). Under ``torch.jit.script`` it is always torch's.
+
+    For a solve that stops at a requested accuracy instead of after ``niter`` iterations,
+    and that warm-starts across checkpoints, use :func:`svd_lowrank`. The backend follows
+    ``PYRANK_BACKEND`` (default "auto").
     """
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
-    if A.layout != torch.strided:
-        raise TypeError(f"pyrank.torch_svd_lowrank takes dense A, got layout {A.layout}")
-    if A.dim() < 2:
-        raise ValueError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
-    if A.dtype not in ops.WEIGHT_DTYPES:
-        raise TypeError(f"A has dtype {A.dtype}; supported: bfloat16, float16, float32, float64")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-        raise ValueError(f"niter must be a non-negative int, got {niter!r}")
-    if q is None:
-        q = 6
+    if not torch.jit.is_scripting():
+        route = _dropin_route(A, M)
+        if route == "pyrank":
+            return _fused_svd_lowrank(A, q, niter, M, "auto")
+        if route == "upcast":
+            return _torch_lowrank._svd_lowrank(A.float(), q=q, niter=niter, M=None if M is None else M.float())
+    return _torch_lowrank._svd_lowrank(A, q=q, niter=niter, M=M)
+
+
+def _dropin_route(A, M) -> str:
+    """How the drop-in runs a call: "pyrank" (fused kernels), "upcast" (a small bf16/fp16
+    problem, by torch on its float32 copy) or "torch" (unchanged). See torch_svd_lowrank."""
+    if type(A) is not Tensor or (M is not None and type(M) is not Tensor):
+        return "torch"  # tensor subclasses keep torch's __torch_function__ dispatch
+    if A.layout != torch.strided or A.dtype not in ops.WEIGHT_DTYPES or A.dim() < 2 or A.numel() == 0:
+        return "torch"
+    if M is not None and (M.layout != torch.strided or M.dtype != A.dtype or M.device != A.device):
+        return "torch"  # torch raises, or promotes, as it always has
+    if torch.is_grad_enabled() and (A.requires_grad or (M is not None and M.requires_grad)):
+        return "torch"
+    if A.device.type not in ("cpu", "cuda"):
+        return "torch"
+    half = A.dtype in (torch.bfloat16, torch.float16)
+    if A.shape[-1] * A.shape[-2] < DROPIN_MIN_ELEMS:
+        return "upcast" if half else "torch"
+    return "pyrank" if (half or M is not None) else "torch"
+
+
+def _fused_svd_lowrank(A: Tensor, q: Optional[int], niter: Optional[int], M: Optional[Tensor],
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """torch's ``_svd_lowrank`` step for step, every product of A − M one fused read."""
+    q = 6 if q is None else q
+    niter = 2 if niter is None else niter
     if isinstance(q, bool) or not isinstance(q, int) or q < 1:
         raise ValueError(f"q must be a positive int, got {q!r}")
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"niter must be a non-negative int, got {niter!r}")
     if M is not None:
-        if not isinstance(M, Tensor):
-            raise TypeError(f"M must be a torch.Tensor or None, got {type(M).__name__}")
-        if M.dtype != A.dtype:
-            raise TypeError(f"M has dtype {M.dtype} but A has {A.dtype}; they must match")
         try:
             M = M.broadcast_to(A.shape)  # a view: broadcast dimensions have stride 0
         except RuntimeError:
             raise ValueError(f"M has shape {tuple(M.shape)}, which does not broadcast to "
                              f"A's {tuple(A.shape)}") from None
     *batch, m, n = A.shape
+    name, _ = ops.resolve_backend(backend, A.device)
+    cdtype = ops.compute_dtype(A.dtype)
+    tall = m >= n  # torch works on the tall orientation: A, or Aᴴ when m < n
     k = min(q, m, n)
-    rdtype = ops.compute_dtype(A.dtype)
-    U = A.new_empty((*batch, m, k), dtype=rdtype)
-    S = A.new_empty((*batch, k), dtype=rdtype)
-    V = A.new_empty((*batch, n, k), dtype=rdtype)
-    # index batch elements one by one: views of A and of M's broadcast view (flattening
-    # the batch dimensions could copy a broadcast M to full size)
+    # torch draws R = randn(columns of the tall operator, q) once, in A's (floating) dtype
+    R = torch.randn(min(m, n), q, dtype=cdtype, device=A.device)
+    U = A.new_empty((*batch, m, k), dtype=cdtype)
+    S = A.new_empty((*batch, k), dtype=cdtype)
+    V = A.new_empty((*batch, n, k), dtype=cdtype)
+    # batch elements one by one: views of A and of M's broadcast view (flattening the batch
+    # dimensions could copy a broadcast M to full size)
     for idx in itertools.product(*map(range, batch)):
-        try:
-            res = svd_lowrank(A[idx], k=k, base=None if M is None else M[idx], tol=tol, backend=backend)
-        except (ValueError, TypeError) as exc:
-            if not batch:
-                raise
-            raise type(exc)(f"A[{', '.join(map(str, idx))}] (M as its base): {exc}") from None
-        U[idx], S[idx], V[idx] = res.U, res.S, res.V
+        a, mm = A[idx], None if M is None else M[idx]
+        fwd = ops.delta_mm if tall else ops.delta_mm_t  # the tall operator times X
+        adj = ops.delta_mm_t if tall else ops.delta_mm  # its adjoint times Y
+        Q = torch.linalg.qr(fwd(a, mm, R, backend=name)).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(adj(a, mm, Q, backend=name)).Q
+            Q = torch.linalg.qr(fwd(a, mm, Q, backend=name)).Q
+        # B = Qᴴ·(tall operator) = (adjoint·Q)ᴴ: one more read
+        Ub, Sb, Vbh = torch.linalg.svd(adj(a, mm, Q, backend=name).T, full_matrices=False)
+        left, right = Q @ Ub, Vbh.T
+        U[idx], S[idx], V[idx] = (left, Sb, right) if tall else (right, Sb, left)
     return U, S, V
