@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--tols", default="1e-4,1e-2",
                     help="pyrank tolerances; the ratio column compares with the first (default 1e-4,1e-2: "
                          "the accurate setting, and one loose enough to stay below the baselines' error)")
+    ap.add_argument("--model-hidden", type=int, default=4096, help="whole-model table: hidden size")
+    ap.add_argument("--model-mlp", type=int, default=11008, help="whole-model table: MLP size")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from pyrank.adapters import pissa_init
@@ -81,10 +83,71 @@ def main():
     cols = [("r", "r", "{}"), ("σ_r/σ_r+1", "gap", "{:.3f}"), ("method", "method", "{}"),
             ("time (s)", "time_s", "{:.2f}"), ("top-r error", "err", "{:.1e}"),
             ("its time ÷ pyrank's (first tol)", "x", "{:.2f}")]
+    model_rows = whole_model(args.model_hidden, args.model_mlp, [int(x) for x in args.ranks.split(",")])
+    mcols = [("r", "r", "{}"), ("method", "method", "{}"), ("init time (s)", "time_s", "{:.2f}"),
+             ("mean top-r error", "err", "{:.1e}"), ("its time ÷ pyrank's", "x", "{:.2f}")]
     text = (f"Machine: {machine()}\n\nPiSSA init of a {args.shape} bf16 weight (power-law spectrum "
             f"σ_i ∝ i^-0.6 over 1024 directions plus noise); one timed run each (the dense SVD takes "
-            f"tens of seconds).\n\n{markdown_table(rows, cols)}\n")
-    emit("bench_adapters", rows, text, not args.no_write)
+            f"tens of seconds).\n\n{markdown_table(rows, cols)}\n\n"
+            f"Whole model: one layer's seven projections (hidden {args.model_hidden}, MLP {args.model_mlp}, bf16) "
+            f"through peft, one timed run each.\n\n{markdown_table(model_rows, mcols)}\n")
+    emit("bench_adapters", rows + model_rows, text, not args.no_write)
+
+
+def whole_model(h, f, ranks):
+    """peft's pissa_niter_4 against pyrank's init_peft_model (default tol) on one layer's
+    projections; returns table rows."""
+    import time
+
+    import peft
+    from pyrank.adapters import init_peft_model
+
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+              "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    weights = {name: make_weight(m, n, seed=i + 1) for i, (name, (m, n)) in enumerate(shapes.items())}
+    print("float64 references (whole model) ...", file=sys.stderr, flush=True)
+    refs = {name: torch.linalg.svd(W.double(), full_matrices=False) for name, W in weights.items()}
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, W in weights.items():
+                lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=torch.bfloat16)
+                lin.weight.data.copy_(W)
+                setattr(self, name, lin)
+
+    def mean_err(model, r):
+        errs = []
+        for name in shapes:
+            lay = getattr(model.base_model.model, name)
+            BA = lay.scaling["default"] * lay.lora_B["default"].weight.double() @ lay.lora_A["default"].weight.double()
+            U, S, Vh = refs[name]
+            ref = (U[:, :r] * S[:r]) @ Vh[:r]
+            errs.append(float((BA - ref).norm() / ref.norm()))
+        return sum(errs) / len(errs)
+
+    rows = []
+    for r in ranks:
+        def cfg(init):
+            return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(shapes), init_lora_weights=init)
+
+        t = time.perf_counter()
+        ours = peft.get_peft_model(Layer(), cfg(True))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the save-flow warning
+            init_peft_model(ours, "pissa")
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        theirs = peft.get_peft_model(Layer(), cfg("pissa_niter_4"))
+        t_theirs = time.perf_counter() - t
+        rows.append(dict(table="model", r=r, method="pyrank init_peft_model (default tol)", time_s=t_ours,
+                         err=mean_err(ours, r)))
+        rows.append(dict(table="model", r=r, method="peft pissa_niter_4", time_s=t_theirs,
+                         err=mean_err(theirs, r), x=t_theirs / t_ours))
+        print(f"whole model r={r} done", file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

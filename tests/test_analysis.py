@@ -99,7 +99,7 @@ def test_adapters_follow_peft_conventions(dtype, init):
     r, lora_alpha = 8, 16
     s = lora_alpha / r
     fn = pissa_init if init == "pissa" else milora_init
-    A, B, W_res = fn(W, r, lora_alpha)
+    A, B, W_res = fn(W, r, lora_alpha, **({"tol": 1e-6} if init == "pissa" else {}))
     assert A.shape == (r, 64) and B.shape == (96, r)
     assert A.dtype == B.dtype == W_res.dtype == dtype
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
@@ -144,7 +144,8 @@ def test_init_peft_model_pissa_matches_peft_and_preserves_the_model(use_rslora):
     from pyrank.adapters import init_peft_model
 
     ours, original = _peft_model(use_rslora=use_rslora)
-    done = init_peft_model(ours, "pissa")
+    with pytest.warns(UserWarning, match="reloads correctly only onto these residual weights"):
+        done = init_peft_model(ours, "pissa", tol=1e-6)  # to float32 accuracy, as peft's full SVD
     assert len(done) == 3 * 2 and all(d["r"] == 6 for d in done.values())
     theirs, _ = _peft_model(init_lora_weights="pissa", use_rslora=use_rslora)  # peft's full-SVD path
     ids = torch.arange(20)[None] % 64
@@ -171,7 +172,8 @@ def test_init_peft_model_milora_bf16_and_errors():
     from pyrank.adapters import init_peft_model
 
     model, original = _peft_model(dtype=torch.bfloat16)
-    done = init_peft_model(model, "milora")
+    with pytest.warns(UserWarning):
+        done = init_peft_model(model, "milora")
     for name, info in done.items():
         layer = model.get_submodule(name)
         W0 = original[name.replace("base_model.model.", "") + ".weight"]
@@ -188,3 +190,63 @@ def test_init_peft_model_milora_bf16_and_errors():
         init_peft_model(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="adapter 'other'"):
         init_peft_model(model, adapter_name="other")
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_adapter_reloads_on_the_original_model(method, tmp_path):
+    """peft's own save flow for PiSSA: the initial adapter saved at init, a 'trained' adapter
+    saved converted to a plain LoRA relative to the original weights, reloaded on an
+    untouched copy of the original model: the same outputs to float32 rounding."""
+    peft = pytest.importorskip("peft")
+    from pyrank.adapters import init_peft_model
+
+    model, _ = _peft_model()
+    pristine = _peft_model()[0].unload()  # same seed: the original weights, no LoRA layers
+    init_peft_model(model, method, initial_dir=str(tmp_path / "init"))
+    assert (tmp_path / "init" / "adapter_config.json").exists()
+    with torch.no_grad():  # "training": the adapter moves away from its initial value
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(2.0)
+    ids = torch.arange(20)[None] % 64
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    reloaded = peft.PeftModel.from_pretrained(pristine, tmp_path / "final")
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+
+
+def test_init_peft_model_is_all_or_nothing():
+    """An error in any layer (here a NaN in the last one) leaves every weight as it was."""
+    from pyrank.adapters import init_peft_model
+
+    model, _ = _peft_model()
+    lora = [m for m in model.modules() if hasattr(m, "lora_A")]
+    with torch.no_grad():
+        lora[-1].get_base_layer().weight[3, 4] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj: A contains NaN"):
+        init_peft_model(model, "pissa")
+    after = dict(model.named_parameters())
+    assert all(torch.allclose(before[n], after[n].detach(), rtol=0, atol=0, equal_nan=True) for n in before)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-6])
+def test_init_peft_model_when_the_krylov_space_is_exhausted(tol):
+    """Hidden 256, r = 16: the solver's basis covers most of each weight's space, and a
+    tolerance below float32's reach (1e-6) used to crash it; both now finish, every layer."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from pyrank.adapters import init_peft_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]))
+    with pytest.warns(UserWarning):
+        done = init_peft_model(model, "pissa", **({} if tol is None else {"tol": tol}))
+    assert len(done) == 14

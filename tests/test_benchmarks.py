@@ -15,7 +15,9 @@ CASES = {
     "bench_ops": ["--shape", "64x96", "--ks", "1,3", "--repeats", "1", "--backends", "cpu,torch"],
     "bench_svd": ["--shapes", "120x200", "--ks", "1,3", "--repeats", "1", "--backends", "cpu,torch"],
     "bench_track": ["--shape", "128x256", "--modules", "2", "--steps", "3"],
-    "bench_adapters": ["--shape", "200x300", "--ranks", "4", "--tols", "1e-2"],
+    "bench_adapters": ["--shape", "200x300", "--ranks", "4", "--tols", "1e-2", "--model-hidden", "48",
+                       "--model-mlp", "96"],
+    "bench_lowrank": ["--small", "--repeats", "1"],
     "bench_io": ["--layers", "1", "--hidden", "64", "--mlp", "128", "--checkpoints", "2"],
 }
 
