@@ -5,7 +5,7 @@
 // no inline function with external linkage is shared between variants, so the linker can
 // never substitute an AVX-512 copy of a helper into the portable path.
 //
-// The work is memory-bound (METHODS.md §6): each kernel reads A and B exactly once. Products
+// The work is memory-bound (docs/METHODS.md §6): each kernel reads A and B exactly once. Products
 // of up to 4 columns a side (the top-1 SVD, warm starts) keep a few rows of A − B in vector
 // registers, converted straight from A and B, and use them for every product at once. Wider
 // ones convert a tile of G rows × J columns of A − B to fp32 into an L1-resident buffer and

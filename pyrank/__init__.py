@@ -7,7 +7,7 @@ weights; a randomized, warm-startable top-k SVD runs on them.
     res = pyrank.svd_lowrank(W_t, k=1, base=W_0)        # res.U, res.S, res.V, res.passes
     nxt = pyrank.svd_lowrank(W_t2, k=1, base=W_0, init=res)  # warm start
 """
-from . import ops
+from . import adapters, analysis, ops  # (neither imports peft or transformers)
 from .extrapolate import Prediction, rank_k_reconstruction, temporal_extrapolate
 from .linalg import LowRankSVD, default_oversample, svd_lowrank, torch_svd_lowrank
 from .ops import BackendUnavailable
@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "adapters",
+    "analysis",
     "LowRankSVD",
     "svd_lowrank",
     "torch_svd_lowrank",

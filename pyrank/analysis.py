@@ -1,4 +1,4 @@
-"""RLVR diagnostics (METHODS.md §3, "The Path Not Taken", arXiv 2511.08567).
+"""RLVR diagnostics (docs/METHODS.md §3, "The Path Not Taken", arXiv 2511.08567).
 
 * :func:`update_sparsity`, :func:`changed_mask` — which weights an update left unchanged:
   |w_t − w_0| ≤ η·max(|w_t|, |w_0|) (η = 1e-3: for bf16 the same as bitwise equality).
@@ -56,7 +56,7 @@ def changed_mask(W0: Tensor, Wt: Tensor, eta: float = 1e-3) -> Tensor:
 
 
 def update_sparsity(W0: Tensor, Wt: Tensor, eta: float = 1e-3) -> float:
-    """Fraction of unchanged weights: 1 − changed/total (METHODS.md §3)."""
+    """Fraction of unchanged weights: 1 − changed/total (docs/METHODS.md §3)."""
     total = W0.numel()
     return 1.0 - changed_count(W0, Wt, eta) / total if total else 1.0
 

@@ -11,6 +11,8 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 
 EXAMPLES = {
@@ -72,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     series_args(a)
     a.add_argument("--diagnostics", action="store_true",
-                   help="also report METHODS §3 per module and checkpoint: principal angles between the top "
+                   help="also report the diagnostics of docs/METHODS.md §3 per module and checkpoint: principal angles between the top "
                         "singular subspaces of W0 and Wt, normalized spectral shift, overlap of the changed mask "
                         "with the principal and the low-magnitude weights, Jaccard with the previous mask")
     a.add_argument("--diag-k", type=int, default=16, help="k of the diagnostics' SVDs of the weights (default 16)")
@@ -80,9 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="density of the principal / low-magnitude weight masks (default 0.05)")
     a.add_argument("--eta", type=float, default=1e-3,
                    help="relative change below which a weight counts as unchanged (default 1e-3: bf16 bitwise)")
-    a.add_argument("--resume", metavar="TRACKER_DIR",
-                   help="continue a saved tracker (analyze's tracker/, or Rank1Callback's pyrank_tracker/): "
-                        "its observations are kept and only new checkpoints are analyzed")
+    a.add_argument("--resume", metavar="TRACKER_DIR", nargs="?", const=RESUME_OUT,
+                   help="without a value: continue this command after an interruption (an analysis keeps "
+                        "each finished checkpoint until it completes); with one: continue a saved tracker "
+                        "(analyze's tracker/, or Rank1Callback's pyrank_tracker/). Either way the kept "
+                        "observations must come from this base and these checkpoints, and only the rest is "
+                        "analyzed")
     a.set_defaults(func=_cmd_analyze)
 
     e = sub.add_parser("extrapolate", help="AlphaRL: predict a later checkpoint from early ones",
@@ -95,20 +100,31 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-metric", type=float, help="invert AlphaRL's PLS fit at this metric value")
     e.add_argument("--window", help="A:B, the steps (inclusive) to fit on (default: all given)")
     e.add_argument("--base", dest="base_mode", choices=["last", "initial"], default="last",
-                   help="last: add the predicted growth to the last window checkpoint (default); "
-                        "initial: W_0 + predicted rank-1 update")
+                   help="the weights the prediction is added to: last = the last window checkpoint W_k "
+                        "(default, as AlphaRL's reference code), initial = W_0")
+    e.add_argument("--update", choices=["official", "growth"], default="official",
+                   help="official: add λ·û*·v_kᵀ (AlphaRL's reference code; default); growth (needs --base "
+                        "last): add λ·(û* − û_k)·v_kᵀ, only the predicted growth of W_k's rank-1 part")
+    e.add_argument("--dtype", choices=["float32", "same"], default="float32",
+                   help="float32: write the predicted model in float32, as AlphaRL's reference code does "
+                        "(default; a bf16 rounding drops update entries below half a bf16 ulp of the weight); "
+                        "same: keep each tensor's dtype (half the size)")
     e.add_argument("--scale", type=float, default=1.0, help="λ, the update's scale (default 1)")
     e.set_defaults(func=_cmd_extrapolate)
 
     r = sub.add_parser("reconstruct", help="the rank-k dominance model W_0 + λ·α·U_k S_k V_kᵀ",
-                       description="Replace every module's update by its norm-matched rank-k part; other "
-                                   "tensors come from the checkpoint.", epilog=EXAMPLES["reconstruct"],
+                       description="Replace every module's update by its norm-matched rank-k part; every other "
+                                   "tensor comes from the base (as in AlphaRL's reference code; --rest checkpoint "
+                                   "takes them from the checkpoint instead).", epilog=EXAMPLES["reconstruct"],
                        formatter_class=fmt)
     r.add_argument("base")
     r.add_argument("checkpoint")
     r.add_argument("--rank", type=int, default=1)
     r.add_argument("--scale", type=float, default=1.0)
     r.add_argument("--no-norm-match", action="store_true", help="α = 1 instead of ‖ΔW‖_F/‖S_k‖₂")
+    r.add_argument("--rest", choices=["base", "checkpoint"], default="base",
+                   help="where the tensors that are not reconstructed (embeddings, norms, lm_head, ...) come "
+                        "from: base = W_0 (default, AlphaRL's reference code), checkpoint = W_t")
     r.add_argument("--include", action="append", default=[], metavar="REGEX")
     r.add_argument("--exclude", action="append", default=[], metavar="REGEX")
     r.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
@@ -184,21 +200,38 @@ def _series(args):
 def _read_metrics(path, steps):
     if not os.path.exists(path):
         raise CLIError(f"{path}: no such file")
-    text = open(path).read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path}: not a metrics file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read ({exc.strerror})") from None
+    pairs = []
     try:
         if path.endswith(".json"):
             obj = json.loads(text)
             if isinstance(obj, list):
-                obj = {d["step"]: d["value"] for d in obj}
-            metrics = {float(k): float(v) for k, v in obj.items()}
+                pairs = [(float(d["step"]), float(d["value"])) for d in obj]
+            else:
+                pairs = [(float(k), float(v)) for k, v in obj.items()]
         else:
-            metrics = {}
             for row in csv.reader(io.StringIO(text)):
                 if not row or row[0].strip().lower() in ("step", "#"):
                     continue
-                metrics[float(row[0])] = float(row[1])
+                pairs.append((float(row[0]), float(row[1])))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise CLIError(f"{path}: not a metrics file (CSV step,value or JSON step→value): {exc}") from None
+    metrics = {}
+    for step, value in pairs:
+        if step in metrics:
+            raise CLIError(f"{path}: step {step:g} appears twice ({metrics[step]:g} and {value:g})")
+        metrics[step] = value
+    bad = sorted(s for s, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        print(f"pyrank: warning: {path}: ignoring non-finite values at step(s) "
+              f"{', '.join(f'{s:g}' for s in bad)}", file=sys.stderr)
+        metrics = {s: v for s, v in metrics.items() if math.isfinite(v)}
     unknown = sorted(set(metrics) - set(steps))
     if unknown:
         raise CLIError(f"{path}: step {unknown[0]:g} matches no checkpoint (checkpoint steps: "
@@ -237,16 +270,33 @@ def _shape_of(weights, name):
 def _modules(base, args):
     from .io import select_modules
 
-    names = select_modules(list(base), args.include, args.exclude, shapes=lambda n: _shape_of(base, n)[0])
+    matched = select_modules(list(base), args.include, args.exclude)
+    names = [n for n in matched if len(_shape_of(base, n)[0]) == 2]
+    skipped = [n for n in matched if n not in set(names)]
+    if skipped:
+        print(f"pyrank: note: skipping {len(skipped)} selected tensor(s) that are not 2-D matrices: "
+              f"{', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}", file=sys.stderr)
     if not names:
         raise CLIError(f"{getattr(base, 'source', 'base')}: no module selected (default: attention/MLP "
                        "projections of the repeated blocks; use --include REGEX)")
     return names
 
 
-def _check_series(base, ckpts, names):
-    """Every checkpoint has every module, with the base's shape and dtype (read headers only)."""
+_FLOAT_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32", "torch.float64")
+
+
+def _check_series(base, ckpts, names, k=None):
+    """Every module is a floating matrix with at least ``k`` rows and columns, and every
+    checkpoint has it with the base's shape and dtype (read headers only)."""
     want = {n: _shape_of(base, n) for n in names}
+    src = getattr(base, "source", "base")
+    for n, (shape, dtype) in want.items():
+        if str(dtype) not in _FLOAT_DTYPES:
+            raise CLIError(f"{src}: module {n!r} is {dtype}; pyrank analyzes bfloat16, float16, float32 or "
+                           "float64 weights (use --exclude to leave it out)")
+        if k is not None and k > min(shape):
+            raise CLIError(f"--k {k} exceeds the smaller side of module {n!r} {list(shape)}; "
+                           f"the largest k every selected module allows is {min(min(s) for s, _ in want.values())}")
     for step, path, w in ckpts:
         for n in names:
             if n not in w:
@@ -275,36 +325,97 @@ class _Progress:
             print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
-def _track(base, ckpts, names, args, metrics, extras=False):
+RESUME_OUT = "\0out"  # --resume without a value: the interrupted analysis of this --out
+
+
+def _partial_dir(out):
+    """Where an analysis keeps what it has finished, checkpoint by checkpoint, until it
+    completes: a hidden sibling of ``out``."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+
+
+def _resumed(args, names, steps, base):
+    """The tracker ``--resume`` continues (None without it), checked against this run: the
+    same k, modules of this selection with the base's shapes, steps of this series (the
+    weights behind each observation are compared as they are read, in :func:`_track`)."""
+    from .track import Rank1Tracker
+
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return None
+    if resume == RESUME_OUT:
+        src = _partial_dir(args.out)
+        parts = sorted(os.path.join(src, d) for d in os.listdir(src)
+                       if not d.startswith(".")) if os.path.isdir(src) else []  # (not a writer's temporary)
+        parts = [d for d in parts if os.path.exists(os.path.join(d, "tracker.json"))]
+        if not parts:
+            raise CLIError(f"--resume: no interrupted analysis of {args.out} to continue "
+                           "(give --resume TRACKER_DIR to continue a saved tracker)")
+        try:  # rank parts of each step; steps in order, so the last part's warm starts win
+            loaded = Rank1Tracker.union([Rank1Tracker.load(d) for d in
+                                         sorted(parts, key=lambda d: float(d.rsplit("-step-", 1)[1]))])
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--resume: {exc}") from None
+        where = src
+    else:
+        try:
+            loaded = Rank1Tracker.load(resume)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{resume}: not a saved pyrank tracker ({exc})") from None
+        where = resume
+    if loaded.k != args.k:
+        raise CLIError(f"{where}: the tracker has k={loaded.k}, but --k is {args.k}")
+    extra = [n for n in loaded.modules if n not in set(names)]
+    if extra:
+        raise CLIError(f"{where}: the tracker holds {len(extra)} module(s) this base and selection do not have "
+                       f"(e.g. {extra[0]!r}): it belongs to another model or run")
+    have = ", ".join(f"{s:g}" for s in steps)
+    for n in loaded.modules:
+        if tuple(loaded._shapes[n]) != tuple(_shape_of(base, n)[0]):
+            raise CLIError(f"{where}: module {n!r} is {list(loaded._shapes[n])} in the tracker but "
+                           f"{list(_shape_of(base, n)[0])} in the base: it belongs to another model")
+        lost = [s for s in loaded.steps(n) if s not in set(steps)]
+        if lost:
+            raise CLIError(f"{where}: the tracker has step {lost[0]:g}, which this series lacks "
+                           f"(checkpoint steps: {have})")
+    return loaded
+
+
+def _track(base, ckpts, names, args, metrics, extras=False, resumed=None, partial=None):
     """Track every module over the checkpoints. With ``extras``: per module and step, the
-    bf16 update sparsity, and with ``--diagnostics`` the rest of METHODS §3 (principal
+    bf16 update sparsity, and with ``--diagnostics`` the rest of docs/METHODS.md §3 (principal
     angles, NSS, principal-weight overlaps, Jaccard with the previous checkpoint's mask).
+    ``resumed``: a tracker whose observations are kept (each is checked against the
+    weights it claims to come from). ``partial``: a path prefix; after each checkpoint its
+    new observations are saved to ``PREFIX-step-S`` (what ``--resume`` continues from).
     Returns (tracker, {module: {step: {column: value}}})."""
     from .analysis import diagnostics, update_jaccard, update_sparsity
     from .linalg import svd_lowrank
-    from .track import Rank1Tracker
+    from .track import Rank1Tracker, _fmt, fingerprint
 
     tr = Rank1Tracker(k=args.k, backend=args.backend)
-    resume = getattr(args, "resume", None)
-    if resume:  # continue a saved tracker: its observations are kept, the rest are added
-        try:
-            loaded = Rank1Tracker.load(resume)
-        except (OSError, ValueError, KeyError) as exc:
-            raise CLIError(f"{resume}: not a saved pyrank tracker ({exc})") from None
-        if loaded.k != args.k:
-            raise CLIError(f"{resume}: the tracker has k={loaded.k}, but --k is {args.k}")
-        tr = Rank1Tracker.merged([loaded], order=[n for n in names if n in loaded.modules])
+    if resumed is not None:  # continue a saved tracker: its observations are kept, the rest are added
+        tr = Rank1Tracker.merged([resumed], order=[n for n in names if n in resumed.modules])
         tr.backend = args.backend
     diag = extras and getattr(args, "diagnostics", False)
     per = {n: {} for n in names}
     base_svd = {}
     prog = _Progress(len(ckpts) * len(names), "tracking")
     for i, (step, path, w) in enumerate(ckpts):
+        new = False
         for n in names:
             W, W0 = w[n], base[n]
             try:
                 if not (n in tr.modules and step in tr.steps(n)):
                     tr.observe(step, {n: W}, {n: W0}, modules=[n])
+                    new = True
+                else:  # a resumed observation: it must come from these very weights
+                    fp = tr.fingerprints(n)
+                    for what, T, key in (("base", W0, "base"), (path, W, _fmt(step))):
+                        if key in fp and fp[key] != fingerprint(T):
+                            raise CLIError(f"--resume: module {n!r} of {what} is not what the tracker's "
+                                           f"step {step:g} was computed from: it belongs to another run")
                 if diag:
                     if n not in base_svd:  # W₀'s top-k serves every checkpoint
                         base_svd[n] = svd_lowrank(W0, min(args.diag_k, *W0.shape), tol=1e-6, backend=args.backend)
@@ -321,6 +432,8 @@ def _track(base, ckpts, names, args, metrics, extras=False):
             prog.step(n)
         if step in metrics:
             tr.set_metric(step, metrics[step])
+        if partial is not None and new and tr.modules:
+            tr.save(f"{partial}-step-{_fmt(step)}", steps=[step])
     return tr, per
 
 
@@ -345,10 +458,33 @@ def _jsonable(x):
 # ------------------------------------------------------------------ commands
 
 
+def _check_numbers(args):
+    """Arguments that need no file: finite numbers, positive counts (before anything is read)."""
+    if getattr(args, "k", 1) < 1:
+        raise CLIError(f"--k must be >= 1, got {args.k}")
+    for opt in ("to_step", "target_metric", "scale", "alpha", "eta"):
+        v = getattr(args, opt, None)
+        if v is not None and not math.isfinite(v):
+            raise CLIError(f"--{opt.replace('_', '-')} must be a finite number, got {v}")
+
+
+def _check_writable(out):
+    """The output's parent must exist (or be creatable) and be writable, before any compute."""
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{out}: cannot write there ({probe} is not a writable directory)")
+
+
 def _prepare(args):
-    """Everything validated before any output exists: paths, steps, metrics, modules, shapes."""
+    """Everything validated before any output exists: arguments, paths, steps, metrics,
+    modules, shapes."""
     from .io.writers import check_output
 
+    _check_numbers(args)
+    _check_writable(args.out)
     dev = _device(args)
     base = _open(args.base, dev)
     series = _series(args)
@@ -357,7 +493,7 @@ def _prepare(args):
     metrics = _read_metrics(args.metrics, [s for s, _ in series]) if args.metrics else {}
     names = _modules(base, args)
     ckpts = [(float(s), p, _open(p, dev)) for s, p in series]
-    _check_series(base, ckpts, names)
+    _check_series(base, ckpts, names, getattr(args, "k", None))
     return base, ckpts, names, metrics, inputs
 
 
@@ -378,16 +514,19 @@ def _on_ranks(world, fn):
     return results
 
 
-def _track_sharded(world, base, ckpts, names, args, metrics, extras=False):
+def _track_sharded(world, base, ckpts, names, args, metrics, extras=False, partial=None):
     """:func:`_track` with the modules split across the ranks by size; rank 0 gets the
-    merged tracker (modules in ``names`` order) and extras, the other ranks None."""
+    merged tracker (modules in ``names`` order) and extras, the other ranks None.
+    ``partial``: the directory each rank saves its finished checkpoints into."""
     from .distributed import shard_by_size
     from .track import Rank1Tracker
 
+    resumed = _resumed(args, names, [c[0] for c in ckpts], base)
+    prefix = None if partial is None else os.path.join(partial, f"rank{world.rank:05d}")
     if not world.distributed:
-        return _track(base, ckpts, names, args, metrics, extras)
+        return _track(base, ckpts, names, args, metrics, extras, resumed, prefix)
     mine = shard_by_size([(n, _numel(base, n)) for n in names], world.size)[world.rank]
-    parts = _on_ranks(world, lambda: _track(base, ckpts, mine, args, metrics, extras))
+    parts = _on_ranks(world, lambda: _track(base, ckpts, mine, args, metrics, extras, resumed, prefix))
     if world.rank != 0:
         return None, None
     per = {}
@@ -413,10 +552,23 @@ def _in_world(cmd):
 def _cmd_analyze(args, world) -> int:
     from .io.writers import atomic_dir, check_output
 
-    base, ckpts, names, metrics, inputs = _prepare(args)
     if args.diagnostics and not (args.diag_k >= 1 and 0 < args.alpha < 1):
         raise CLIError(f"--diag-k must be >= 1 and --alpha in (0, 1); got {args.diag_k} and {args.alpha}")
-    tr, per = _track_sharded(world, base, ckpts, names, args, metrics, extras=True)
+    base, ckpts, names, metrics, inputs = _prepare(args)
+    partial = _partial_dir(args.out)
+    if world.rank == 0 and args.resume != RESUME_OUT and os.path.isdir(partial):
+        print(f"pyrank: note: starting over; the interrupted analysis of {args.out} is discarded "
+              "(pass --resume to continue it instead)", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
+    world.all_gather(None)  # a barrier: no rank saves a part before rank 0 has cleared the old ones
+    try:
+        tr, per = _track_sharded(world, base, ckpts, names, args, metrics, extras=True, partial=partial)
+    except Exception:
+        # an error (not an interruption: those raise BaseException) in a fresh analysis: its
+        # parts are of no use to anyone; a resumed one keeps them for a corrected command
+        if args.resume != RESUME_OUT and world.rank == 0 and not _signalled:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if world.rank != 0:
         return 0
     report = {"base": os.path.abspath(args.base), "k": args.k, "eta": args.eta,
@@ -426,12 +578,13 @@ def _cmd_analyze(args, world) -> int:
     for n in names:
         h = tr.history(n)
         layer, typ = _layer_type(n)
-        r2s, r2m = tr.r2_step(n), tr.r2_metric(n)
+        r2s, r2m, r2mh = tr.r2_step(n), tr.r2_metric(n), tr.r2_metric(n, vector="u_hat")
         report["modules"][n] = {
             "layer": layer, "type": typ, "shape": list(_shape_of(base, n)[0]), "steps": h["steps"],
             "sigma": h["sigma"].tolist(), "fro": h["fro"].tolist(), "energy": h["energy"].tolist(),
             "drift_u": h["drift_u"].tolist(), "drift_v": h["drift_v"].tolist(),
             "sparsity": [per[n][s]["sparsity"] for s in h["steps"]], "r2_step": r2s, "r2_metric": r2m,
+            "r2_metric_uhat": r2mh,
             "passes": h["passes"], "converged": bool((h["residual"] <= tr.tol).all()),
         }
         if args.diagnostics:
@@ -441,7 +594,7 @@ def _cmd_analyze(args, world) -> int:
             row = {"module": n, "layer": layer, "type": typ, "step": s}
             row.update({f"sigma_{j + 1}": float(h["sigma"][i, j]) for j in range(h["sigma"].shape[1])})
             row.update(fro=float(h["fro"][i]), energy=float(h["energy"][i]), drift_u=float(h["drift_u"][i]),
-                       drift_v=float(h["drift_v"][i]), r2_step=r2s, r2_metric=r2m)
+                       drift_v=float(h["drift_v"][i]), r2_step=r2s, r2_metric=r2m, r2_metric_uhat=r2mh)
             row.update(per[n][s])
             rows.append(row)
     if args.diagnostics:
@@ -461,7 +614,8 @@ def _cmd_analyze(args, world) -> int:
         tr.save(os.path.join(d, "tracker"))
 
     check_output(args.out, inputs, args.force)
-    atomic_dir(args.out, fill)
+    atomic_dir(args.out, fill, replace=args.force)
+    shutil.rmtree(partial, ignore_errors=True)  # complete: nothing left to resume
     _print_summary(report)
     if args.diagnostics:
         _print_diagnostics(report)
@@ -595,23 +749,26 @@ def _predict_sharded(world, base, ckpts, names, args, metrics, window):
         tr, _ = _track(base, ckpts, mine, args, metrics)
         try:
             return tr.extrapolate(to_step=args.to_step, target_metric=args.target_metric, window=window,
-                                  base=args.base_mode, scale=args.scale)
+                                  base=args.base_mode, update=args.update, scale=args.scale)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
 
     preds = [p for p in _on_ranks(world, predict) if p is not None]
-    applies = sorted({p.applies_to for p in preds})
+    applies = {p.applies_to for p in preds}
     if len(applies) != 1:
-        raise CLIError(f"modules end their windows at different checkpoints ({', '.join(applies)}): "
+        raise CLIError(f"modules end their windows at different checkpoints "
+                       f"({', '.join(f'{a:g}' for a in sorted(applies))}): "
                        "base='last' needs one checkpoint to apply the prediction to")
     factors = {}
     for p in preds:
         factors.update(p.factors)
-    return Prediction({n: factors[n] for n in names}, applies[0], preds[0].info)
+    return Prediction({n: factors[n] for n in names}, applies.pop(), preds[0].info)
 
 
 @_in_world
 def _cmd_extrapolate(args, world) -> int:
+    import torch
+
     from .distributed import shard_by_size
     from .io import write_hf_dir
     from .io.writers import write_hf_dir_sharded
@@ -624,20 +781,26 @@ def _cmd_extrapolate(args, world) -> int:
         except ValueError:
             raise CLIError(f"--window {args.window!r}: expected A:B") from None
         window = (lo, hi)
-        ckpts = [c for c in ckpts if lo <= c[0] <= hi]  # only the window is read
+        inside = [c for c in ckpts if lo <= c[0] <= hi]  # only the window is read
+        if len(inside) < 3:
+            raise CLIError(f"--window {args.window} holds {len(inside)} checkpoint(s); AlphaRL needs at least 3 "
+                           f"(checkpoint steps: {', '.join(f'{c[0]:g}' for c in ckpts)})")
+        ckpts = inside
     if args.target_metric is not None and not metrics:
         raise CLIError("--target-metric needs --metrics")
     pred = _predict_sharded(world, base, ckpts, names, args, metrics, window)
-    if pred.applies_to == "initial":
+    if pred.applies_to is None:
         src, src_path = base, args.base
     else:
-        k = float(pred.applies_to.split()[1])
-        _, src_path, src = next(c for c in ckpts if c[0] == k)
+        _, src_path, src = next(c for c in ckpts if c[0] == pred.applies_to)
     info = dict(pred.info, base_path=os.path.abspath(args.base), applied_to=os.path.abspath(src_path),
-                modules=names, checkpoints=[{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts])
-    merged = pred.apply(src, backend=args.backend)
+                dtype=args.dtype, modules=names,
+                checkpoints=[{"step": s, "path": os.path.abspath(p)} for s, p, _ in ckpts])
+    dtype = torch.float32 if args.dtype == "float32" else None
+    merged = pred.apply(src, dtype=dtype, backend=args.backend)
     kw = dict(base_dir=src_path if os.path.isdir(src_path) else args.base, inputs=inputs, force=args.force,
-              modified=names, extra_files={"pyrank_extrapolation.json": _jsonable(info)})
+              modified=names, extra_files={"pyrank_extrapolation.json": _jsonable(info)},
+              config_dtype="float32" if dtype is not None else None)
     if world.distributed:  # each rank writes its share of the tensors, rank 0 the index
         mine = shard_by_size([(n, _numel(src, n)) for n in src], world.size)[world.rank]
         prog = _Progress(len(mine), f"writing (rank {world.rank})")
@@ -647,8 +810,10 @@ def _cmd_extrapolate(args, world) -> int:
     else:
         prog = _Progress(len(src), "writing")
         write_hf_dir(args.out, merged, progress=lambda i, n, name: prog.step(name), **kw)
-    print(f"wrote {args.out}: {len(names)} modules predicted ({pred.info['mode']} mode, base={args.base_mode}), "
-          f"applied to {src_path}")
+    if "warning" in pred.info:
+        print(f"pyrank: warning: {pred.info['warning']}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(names)} modules predicted ({pred.info['mode']} mode, base={args.base_mode}, "
+          f"update={args.update}, {args.dtype}), applied to {src_path}")
     return 0
 
 
@@ -659,11 +824,16 @@ def _cmd_reconstruct(args) -> int:
 
     if args.rank < 1:
         raise CLIError(f"--rank must be >= 1, got {args.rank}")
+    _check_numbers(args)
+    _check_writable(args.out)
     dev = _device(args)
     base, ck = _open(args.base, dev), _open(args.checkpoint, dev)
     check_output(args.out, [args.base, args.checkpoint], args.force)
     names = _modules(base, args)
-    _check_series(base, [(0.0, args.checkpoint, ck)], names)
+    try:
+        _check_series(base, [(0.0, args.checkpoint, ck)], names, args.rank)
+    except CLIError as exc:
+        raise CLIError(str(exc).replace("--k ", "--rank ")) from None
 
     def recon(n):
         try:
@@ -672,14 +842,16 @@ def _cmd_reconstruct(args) -> int:
         except ValueError as exc:
             raise CLIError(f"{args.checkpoint}: module {n!r}: {exc}") from None
 
-    prog = _Progress(len(ck), "reconstructing")
-    write_hf_dir(args.out, Overlay(ck, names, recon), base_dir=args.checkpoint if os.path.isdir(args.checkpoint) else None,
+    rest, rest_path = (base, args.base) if args.rest == "base" else (ck, args.checkpoint)
+    prog = _Progress(len(rest), "reconstructing")
+    write_hf_dir(args.out, Overlay(rest, names, recon), base_dir=rest_path if os.path.isdir(rest_path) else None,
                  inputs=[args.base, args.checkpoint], force=args.force, modified=names,
                  extra_files={"pyrank_reconstruction.json": {"rank": args.rank, "scale": args.scale,
                                                              "norm_match": not args.no_norm_match,
-                                                             "modules": names}},
+                                                             "rest": args.rest, "modules": names}},
                  progress=lambda i, n, name: prog.step(name))
-    print(f"wrote {args.out}: rank-{args.rank} reconstruction of {len(names)} modules")
+    print(f"wrote {args.out}: rank-{args.rank} reconstruction of {len(names)} modules, every other tensor "
+          f"from the {args.rest}")
     return 0
 
 
@@ -697,25 +869,64 @@ def _cmd_env(args) -> int:
     return 0
 
 
+_signalled = []  # the termination signals received (see main)
+
+
+def _terminate(signum, frame):
+    # SIGTERM (kill, a scheduler's time limit) and SIGINT unwind the stack: the atomic
+    # writers' cleanup runs and no temporary directory is left behind. Recorded as well:
+    # a signal that lands inside a native call (safetensors' reader) may come back wrapped
+    # in that library's own error.
+    _signalled.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
+    import threading
+    import warnings
+
     parser = _build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except Exception as exc:
-        from .io import PyrankIOError
-        from .ops import BackendUnavailable
-
-        if int(os.environ.get("RANK", "0")) != 0 and not args.debug:
-            return 2  # under torchrun every rank fails alike; rank 0 says why
-        if args.debug or not isinstance(exc, (CLIError, PyrankIOError, BackendUnavailable)):
-            if args.debug:
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)} \
+        if main_thread else {}
+    _signalled.clear()
+    with warnings.catch_warnings():
+        if not args.debug:  # warnings as one line, like the errors
+            warnings.showwarning = lambda message, *a, **k: print(f"pyrank: warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if args.debug or not _signalled:
                 raise
-            print(f"pyrank: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                  file=sys.stderr)
+            return _interrupted(args, 130 if isinstance(exc, KeyboardInterrupt) else exc.code)
+        except Exception as exc:
+            from .io import PyrankIOError
+            from .ops import BackendUnavailable
+
+            if _signalled and not args.debug:  # a signal, wrapped in a library's error on the way up
+                return _interrupted(args, 128 + _signalled[0])
+            if int(os.environ.get("RANK", "0")) != 0 and not args.debug:
+                return 2  # under torchrun every rank fails alike; rank 0 says why
+            if args.debug or not isinstance(exc, (CLIError, PyrankIOError, BackendUnavailable)):
+                if args.debug:
+                    raise
+                print(f"pyrank: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                      file=sys.stderr)
+                return 2
+            print(f"pyrank: error: {exc}", file=sys.stderr)
             return 2
-        print(f"pyrank: error: {exc}", file=sys.stderr)
-        return 2
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+
+
+def _interrupted(args, code) -> int:
+    hint = " (`pyrank analyze ... --resume` continues it)" if args.command == "analyze" else ""
+    print(f"pyrank: interrupted; no output was written{hint}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

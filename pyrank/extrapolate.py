@@ -1,4 +1,4 @@
-"""Fits and predictions on rank-1 trajectories (METHODS.md §1–2).
+"""Fits and predictions on rank-1 trajectories (docs/METHODS.md §1–2).
 
 * :func:`r2_in_step` — is û(t) = σ₁(t)·u₁(t) linear in the step? (least squares, all
   coordinates, in-sample R²)
@@ -37,8 +37,8 @@ __all__ = [
 def _r2(y: Tensor, fit: Tensor) -> float:
     ss_tot = float(((y - y.mean(0)) ** 2).sum())
     ss_res = float(((y - fit) ** 2).sum())
-    if ss_tot == 0.0:
-        return 1.0 if ss_res == 0.0 else float("nan")
+    if ss_tot == 0.0:  # nothing varies: there is nothing to explain (e.g. a frozen module)
+        return float("nan")
     return 1.0 - ss_res / ss_tot
 
 
@@ -81,6 +81,7 @@ class PLS1:
             raise ValueError(f"{X.shape[0]} trajectories but {y.shape[0]} metric values")
         if X.shape[0] < 3:
             raise ValueError("the PLS fit needs at least 3 checkpoints")
+        self.y = y
         self.x_mean = X.mean(0)
         self.x_std = X.std(0)
         self.x_std[self.x_std == 0] = 1.0
@@ -123,28 +124,39 @@ class Factors:
 class Prediction:
     """Predicted low-rank updates per module.
 
-    ``applies_to`` says which weights :meth:`apply` expects: ``"initial"`` — the base W₀;
-    ``"step N"`` — the checkpoint at step N (AlphaRL with base="last"). ``info`` records how
-    the prediction was made.
+    ``applies_to`` says which weights :meth:`apply` expects: None — the base W₀; a step k —
+    the checkpoint at step k (AlphaRL with base="last"). ``info`` records how the prediction
+    was made.
     """
 
     factors: Dict[str, Factors]
-    applies_to: str
+    applies_to: Optional[float]
     info: dict = field(default_factory=dict)
 
-    def apply(self, weights: Mapping, *, backend: str = "auto") -> "Mapping[str, Tensor]":
+    def apply(self, weights: Mapping, *, dtype: Optional[torch.dtype] = None,
+              backend: str = "auto") -> "Mapping[str, Tensor]":
         """New weights: every predicted module merged with the fused kernel (fp32 math, one
-        rounding to the weight's dtype), every other tensor passed through. Lazy: each
-        tensor is read and merged when it is accessed, so a model is never held whole."""
+        rounding), every other tensor passed through. ``dtype=None`` keeps each tensor's
+        dtype; ``dtype=torch.float32`` returns every floating tensor in float32, as
+        AlphaRL's reference code writes its predicted model (a bf16 rounding would drop
+        the parts of the update below half a bf16 ulp of the weight). Lazy: each tensor is
+        read and merged when it is accessed, so a model is never held whole."""
         missing = [k for k in self.factors if k not in weights]
         if missing:
             raise KeyError(f"the weights lack predicted modules: {missing[:5]}")
+
+        def cast(W):
+            return W.to(dtype) if dtype is not None and W.is_floating_point() and W.dtype != dtype else W
+
         def merged(name):
             W, f = weights[name], self.factors[name]
             dev = W.device
+            if dtype is not None and W.dtype != dtype:  # merge into the upcast copy, in place
+                W = W.to(dtype)
+                return ops.merge_lowrank(W, f.U.to(dev), f.S.to(dev), f.V.to(dev), f.alpha, out=W, backend=backend)
             return ops.merge_lowrank(W, f.U.to(dev), f.S.to(dev), f.V.to(dev), f.alpha, backend=backend)
 
-        return Overlay(weights, self.factors, merged)
+        return Overlay(weights, self.factors, merged, other=cast if dtype is not None else None)
 
     def save(self, path: str) -> None:
         """A directory: prediction.json plus factors.safetensors (no pickle)."""
@@ -169,19 +181,26 @@ class Prediction:
         tensors = load_file(os.path.join(path, "factors.safetensors"))
         factors = {n: Factors(tensors[f"{n}::U"], tensors[f"{n}::S"], tensors[f"{n}::V"], float(a))
                    for n, a in meta["alpha"].items()}
-        return cls(factors, meta["applies_to"], meta.get("info", {}))
+        applies = meta["applies_to"]
+        if isinstance(applies, str):  # written before 0.2: "initial" or "step N"
+            applies = None if applies == "initial" else float(applies.split()[1])
+        return cls(factors, applies, meta.get("info", {}))
 
 
 class Overlay(Mapping):
     """A lazy view of ``source`` in which the tensors named in ``names`` are computed by
-    ``fn(name)`` when accessed; every other tensor passes through. Iteration, length and
-    membership come from ``source`` (membership never triggers a computation)."""
+    ``fn(name)`` when accessed; every other tensor passes through (through ``other(tensor)``
+    when given). Iteration, length and membership come from ``source`` (membership never
+    triggers a computation)."""
 
-    def __init__(self, source: Mapping, names, fn):
-        self._src, self._names, self._fn = source, set(names), fn
+    def __init__(self, source: Mapping, names, fn, other=None):
+        self._src, self._names, self._fn, self._other = source, set(names), fn, other
 
     def __getitem__(self, name):
-        return self._fn(name) if name in self._names else self._src[name]
+        if name in self._names:
+            return self._fn(name)
+        t = self._src[name]
+        return t if self._other is None else self._other(t)
 
     def __contains__(self, name):
         return name in self._src
@@ -195,7 +214,7 @@ class Overlay(Mapping):
 
 def rank_k_reconstruction(W0: Tensor, Wt: Tensor, k: int = 1, scale: float = 1.0, norm_match: bool = True,
                           *, tol: float = 1e-4, backend: str = "auto") -> Tensor:
-    """W₀ + λ·α·U_k·S_k·V_kᵀ with the top-k triplets of ΔW = Wt − W₀ (METHODS.md §1).
+    """W₀ + λ·α·U_k·S_k·V_kᵀ with the top-k triplets of ΔW = Wt − W₀ (docs/METHODS.md §1).
 
     α = ‖ΔW‖_F / ‖S_k‖₂ when ``norm_match`` (so the update keeps ΔW's Frobenius norm),
     else 1; λ = ``scale``. Returned in W₀'s dtype, rounded once.
@@ -214,7 +233,7 @@ def rank_k_reconstruction(W0: Tensor, Wt: Tensor, k: int = 1, scale: float = 1.0
 def temporal_extrapolate(base: Mapping, checkpoints: Sequence[Mapping], steps: Sequence[float],
                          to_step: float, *, names: Optional[Sequence[str]] = None,
                          backend: str = "auto") -> "Mapping[str, Tensor]":
-    """RELEX's temporal rank-1 extrapolation (METHODS.md §2), tensor by tensor.
+    """RELEX's temporal rank-1 extrapolation (docs/METHODS.md §2), tensor by tensor.
 
     Per tensor, the deltas ΔW_t = W_t − W₀ are rows of a T × (m·n) matrix whose top
     singular triplet comes from the T × T Gram matrix G_ij = ⟨ΔW_i, ΔW_j⟩ (``ops.delta_gram``,

@@ -145,6 +145,11 @@ def check_weights(A: Tensor, B: Optional[Tensor], names=("A", "B")) -> None:
     na, nb = names
     if not isinstance(A, Tensor):
         raise TypeError(f"{na} must be a torch.Tensor, got {type(A).__name__}")
+    if A.layout != torch.strided:
+        raise TypeError(f"{na} is a {A.layout} tensor; pyrank's kernels read dense (strided) weights: "
+                        f"pass {na}.to_dense()")
+    if A.device.type == "meta":
+        raise ValueError(f"{na} is on the meta device (no data to read); materialize it first")
     if A.dim() != 2:
         raise ValueError(f"{na} must be 2-D, got shape {tuple(A.shape)}")
     if A.dtype not in WEIGHT_DTYPES:
@@ -153,6 +158,9 @@ def check_weights(A: Tensor, B: Optional[Tensor], names=("A", "B")) -> None:
         return
     if not isinstance(B, Tensor):
         raise TypeError(f"{nb} must be a torch.Tensor or None, got {type(B).__name__}")
+    if B.layout != torch.strided:
+        raise TypeError(f"{nb} is a {B.layout} tensor; pyrank's kernels read dense (strided) weights: "
+                        f"pass {nb}.to_dense()")
     if B.shape != A.shape:
         raise ValueError(f"{nb} has shape {tuple(B.shape)} but {na} has {tuple(A.shape)}")
     if B.dtype != A.dtype:

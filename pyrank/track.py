@@ -1,4 +1,4 @@
-"""Streaming rank-k tracking of weight updates across checkpoints (METHODS.md §1).
+"""Streaming rank-k tracking of weight updates across checkpoints (docs/METHODS.md §1).
 
 ``Rank1Tracker.observe(step, weights, base)`` computes, per module, the top-k SVD of
 ΔW = W_step − W_base with :func:`pyrank.svd_lowrank`, warm-started from the module's
@@ -7,7 +7,7 @@ alignment, drift angles, energy fractions, linearity R², AlphaRL fits and predi
 is computed from the stored raw results when asked for, so checkpoints may arrive in any
 order and a tracker saved and loaded mid-run continues exactly.
 
-Sign alignment (METHODS.md §1): walking the checkpoints from the last to the first,
+Sign alignment (docs/METHODS.md §1): walking the checkpoints from the last to the first,
 (u_i, v_i) at step t is flipped when cos(û_i(t), û_i(t+1)) < 0, with û_i = σ_i·u_i; the
 last checkpoint keeps the SVD's own sign convention (its largest-magnitude u entry is
 positive). Components are aligned by index; two components whose σ cross may swap.
@@ -63,6 +63,9 @@ class Rank1Tracker:
         self._metrics: Dict[float, float] = {}
         self._shapes: Dict[str, Tuple[int, int]] = {}
         self._warm: Dict[str, Tuple[Tensor, Tensor]] = {}  # oversampled bases of the last result
+        # what each observation was computed from: {module: {"base" or step: fingerprint}},
+        # so a resumed analysis can refuse another run's tracker (see fingerprint())
+        self._prov: Dict[str, Dict[str, str]] = {}
 
     # ------------------------------------------------------------ observing
 
@@ -107,6 +110,8 @@ class Rank1Tracker:
             self._obs.setdefault(name, {})[step] = ob
             self._shapes[name] = tuple(W.shape)
             self._warm[name] = tuple(t.float().cpu() for t in res.basis)
+            prov = self._prov.setdefault(name, {})
+            prov["base"], prov[_fmt(step)] = fingerprint(W0), fingerprint(W)
             out[name] = ob
         if metric is not None:
             self._metrics[step] = float(metric)
@@ -121,6 +126,11 @@ class Rank1Tracker:
     @property
     def modules(self) -> List[str]:
         return list(self._obs)
+
+    def fingerprints(self, module: str) -> Dict[str, str]:
+        """{"base": …, step: …}: :func:`fingerprint` of the weights each observation of
+        ``module`` was computed from (empty for trackers saved before 0.2)."""
+        return dict(self._prov.get(module, {}))
 
     def steps(self, module: str) -> List[float]:
         return sorted(self._module(module))
@@ -145,7 +155,7 @@ class Rank1Tracker:
         V = torch.stack([obs[s].V for s in steps])
         S = torch.stack([obs[s].S for s in steps])  # T×k
         flipped = torch.zeros(S.shape, dtype=torch.bool)
-        for t in range(len(steps) - 2, -1, -1):  # last to first, as METHODS.md §1
+        for t in range(len(steps) - 2, -1, -1):  # last to first, as docs/METHODS.md §1
             cos = ((U[t] * S[t]) * (U[t + 1] * S[t + 1])).sum(0)
             flip = cos < 0
             flipped[t] = flip
@@ -163,8 +173,8 @@ class Rank1Tracker:
             "v": V,
             "fro": fro,
             "energy": energy,
-            "drift_u": _drift(U[:, :, 0]),
-            "drift_v": _drift(V[:, :, 0]),
+            "drift_u": _drift(U[:, :, 0], S[:, 0]),
+            "drift_v": _drift(V[:, :, 0], S[:, 0]),
             "flipped": flipped,
             "passes": [obs[s].passes for s in steps],
             "residual": torch.stack([obs[s].residual for s in steps]),
@@ -176,15 +186,26 @@ class Rank1Tracker:
         h = self.history(module)
         return r2_in_step(h["steps"], h["u_hat"])
 
-    def r2_metric(self, module: str) -> float:
-        """AlphaRL's R²: one-component PLS of the metric on û(t), OLS on the score, in sample.
-        NaN when fewer than 3 observed steps have a metric, or when the metric is constant
-        over them (R² is undefined: there is no variance to explain)."""
+    def r2_metric(self, module: str, vector: str = "u") -> float:
+        """AlphaRL's R²: one-component PLS of the metric on the rank-1 trajectory, OLS on the
+        score, in sample. ``vector="u"`` (default, as AlphaRL's reference code reports it)
+        regresses on the unit, sign-aligned u₁(t); ``"u_hat"`` on û(t) = σ₁(t)·u₁(t), what
+        its extrapolation fits. NaN when fewer than 3 observed steps have a metric, or when
+        the metric is constant over them or the module never changed (R² is undefined:
+        there is nothing to explain, or nothing to explain it with)."""
+        if vector not in ("u", "u_hat"):
+            raise ValueError(f"vector must be 'u' or 'u_hat', got {vector!r}")
         h = self.history(module)
         keep = ~torch.isnan(h["metric"])
         if int(keep.sum()) < 3 or float(h["metric"][keep].std()) == 0.0:
             return float("nan")
-        return PLS1(h["u_hat"][keep], h["metric"][keep].tolist()).r2
+        X = h["u"][:, :, 0] if vector == "u" else h["u_hat"]
+        if not bool((h["sigma"][keep, 0] > 0).all()):
+            return float("nan")  # a checkpoint equal to the base: u₁ is arbitrary there
+        try:
+            return PLS1(X[keep], h["metric"][keep].tolist()).r2
+        except ValueError:  # no coordinate varies with the metric: nothing explains it
+            return float("nan")
 
     def summary(self) -> List[dict]:
         """One row per module: shape, checkpoints, last σ₁ and energy fraction, mean drift,
@@ -211,8 +232,9 @@ class Rank1Tracker:
     # ------------------------------------------------------------ AlphaRL
 
     def extrapolate(self, *, to_step=None, target_metric=None, window=None, base: str = "last",
-                    scale: float = 1.0, modules: Optional[Sequence[str]] = None) -> Prediction:
-        """Predict each module's rank-1 update (METHODS.md §1, AlphaRL).
+                    update: str = "official", scale: float = 1.0,
+                    modules: Optional[Sequence[str]] = None) -> Prediction:
+        """Predict each module's rank-1 update (AlphaRL).
 
         Exactly one of:
             to_step: fit û(t) by a least-squares line in the step over the window and
@@ -221,20 +243,36 @@ class Rank1Tracker:
                 and invert it at y* = ``target_metric``.
         window: (first_step, last_step), inclusive; None = every observed step. It must
             hold ≥ 3 checkpoints (with metrics, for ``target_metric``).
-        base: "initial" → W = W₀ + λ·û*·v₁ᵀ; "last" → W = W_k + λ·(û*·v₁ᵀ − û(k)·v₁(k)ᵀ),
-            where k is the last window checkpoint and v₁ its aligned right vector.
+        base: the weights the prediction is added to: "last" (W_k, the last window
+            checkpoint, as AlphaRL's reference code does) or "initial" (W₀).
+        update: what is added, with v₁ = v₁(k) the last window checkpoint's aligned right
+            vector and λ = ``scale``:
+            "official" — λ·û*·v₁ᵀ, AlphaRL's reference code (AlphaRLBuildPerdictModel.py):
+                W = W_k + λ·û*·v₁ᵀ, or W₀ + λ·û*·v₁ᵀ with base="initial";
+            "growth" — λ·(û* − û(k))·v₁ᵀ, only with base="last": W_k keeps everything
+                learned up to step k and gains only the predicted growth of its rank-1
+                part (W_k already holds σ₁u₁v₁ᵀ(k), which "official" adds a second time).
         scale: λ.
-        Returns a :class:`Prediction`; ``applies_to`` names the weights it must be applied
-        to ("initial", or "step k").
+        A module whose û never moved over the window (frozen: equal to the base throughout)
+        keeps its last û, so its predicted update is what it had (listed in ``info["frozen"]``).
+        Returns a :class:`Prediction`; ``applies_to`` is None for base="initial", else the
+        step k of the checkpoint it must be applied to.
         """
         if (to_step is None) == (target_metric is None):
             raise ValueError("give exactly one of to_step= or target_metric=")
         if base not in ("initial", "last"):
             raise ValueError(f"base must be 'initial' or 'last', got {base!r}")
+        if update not in ("official", "growth"):
+            raise ValueError(f"update must be 'official' or 'growth', got {update!r}")
+        if update == "growth" and base == "initial":
+            raise ValueError("update='growth' adds û* − û(k) to the checkpoint at step k: it needs base='last'")
+        for what, x in (("to_step", to_step), ("target_metric", target_metric), ("scale", scale)):
+            if x is not None and not math.isfinite(float(x)):
+                raise ValueError(f"{what} must be finite, got {x!r}")
         names = list(modules) if modules is not None else self.modules
         if not names:
             raise ValueError("nothing to extrapolate: no module has been observed")
-        factors, last_steps = {}, set()
+        factors, last_steps, notes, frozen = {}, set(), [], []
         for name in names:
             h = self.history(name)
             idx = [i for i, s in enumerate(h["steps"])
@@ -243,31 +281,43 @@ class Rank1Tracker:
                 idx = [i for i in idx if not math.isnan(float(h["metric"][i]))]
             if len(idx) < 3:
                 what = "checkpoints with a metric" if target_metric is not None else "checkpoints"
-                raise ValueError(f"module {name!r}: the window {window} holds {len(idx)} {what}; "
-                                 "AlphaRL needs at least 3")
+                have = ", ".join(_fmt(s) for s in h["steps"])
+                raise ValueError(f"module {name!r}: the window {_window_str(window)} holds {len(idx)} {what} "
+                                 f"(observed steps: {have}); AlphaRL needs at least 3")
             steps = [h["steps"][i] for i in idx]
             X = h["u_hat"][idx].double()
-            if target_metric is not None:
-                u_star = PLS1(X, h["metric"][idx].tolist()).invert(target_metric)
+            if target_metric is not None and float(X.std(0).max()) == 0.0:
+                u_star = X[-1]  # the trajectory never moved (a frozen module): nothing to extrapolate
+                frozen.append(name)
+            elif target_metric is not None:
+                try:
+                    pls = PLS1(X, h["metric"][idx].tolist())
+                except ValueError as exc:
+                    raise ValueError(f"module {name!r}: {exc}") from None
+                u_star = pls.invert(target_metric)
+                lo, hi = float(pls.y.min()), float(pls.y.max())
+                if not lo - (hi - lo) <= float(target_metric) <= hi + (hi - lo):
+                    notes.append(name)
             else:
                 a, b = line_fit(steps, X)
                 u_star = a + b * float(to_step)
             k_last = idx[-1]
             v1 = h["v"][k_last, :, 0].double()
-            if base == "initial":
-                u_pred = u_star
-            else:
-                u_pred = u_star - h["u_hat"][k_last].double()
+            u_pred = u_star if update == "official" else u_star - h["u_hat"][k_last].double()
             factors[name] = Factors(u_pred.float()[:, None], torch.ones(1), v1.float()[:, None], float(scale))
             last_steps.add(h["steps"][k_last])
         if base == "last" and len(last_steps) != 1:
             raise ValueError(f"modules end their windows at different steps {sorted(last_steps)}: "
                              "base='last' needs one checkpoint to apply the prediction to")
-        applies_to = "initial" if base == "initial" else f"step {_fmt(last_steps.pop())}"
         info = {"mode": "metric" if target_metric is not None else "step",
                 "to_step": to_step, "target_metric": target_metric, "window": list(window) if window else None,
-                "base": base, "scale": scale, "k": self.k}
-        return Prediction(factors, applies_to, info)
+                "base": base, "update": update, "scale": scale, "k": self.k}
+        if frozen:
+            info["frozen"] = frozen
+        if notes:
+            info["warning"] = (f"target metric {target_metric:g} lies more than the observed range away from the "
+                               f"window's metrics for {len(notes)} module(s): the PLS line is extrapolated far")
+        return Prediction(factors, None if base == "initial" else last_steps.pop(), info)
 
     @classmethod
     def merged(cls, trackers: Sequence["Rank1Tracker"], order: Optional[Sequence[str]] = None) -> "Rank1Tracker":
@@ -290,19 +340,27 @@ class Rank1Tracker:
         for name in (order if order is not None else list(owner)):
             tr = owner[name]
             out._obs[name], out._shapes[name], out._warm[name] = tr._obs[name], tr._shapes[name], tr._warm[name]
+            if name in tr._prov:
+                out._prov[name] = tr._prov[name]
         return out
 
     # ------------------------------------------------------------ persistence
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, steps: Optional[Sequence[float]] = None) -> None:
         """Write the tracker to directory ``path`` (tracker.json + vectors.safetensors, no
-        pickle), atomically. :meth:`load` resumes it exactly, warm starts included."""
+        pickle), atomically. :meth:`load` resumes it exactly, warm starts included.
+        ``steps``: only these steps' observations (the warm starts and metrics are always
+        written) — what an interrupted analysis saves after each checkpoint, so that saving
+        stays proportional to the new work; :meth:`union` puts such parts together again."""
         from safetensors.torch import save_file
 
+        keep = None if steps is None else {_step(s) for s in steps}
         tensors, meta_obs = {}, {}
         for name, per in self._obs.items():
             meta_obs[name] = {}
             for step, ob in per.items():
+                if keep is not None and step not in keep:
+                    continue
                 key = f"{name}::{_fmt(step)}"
                 tensors[key + "::S"], tensors[key + "::U"] = ob.S.contiguous(), ob.U.contiguous()
                 tensors[key + "::V"], tensors[key + "::res"] = ob.V.contiguous(), ob.residual.contiguous()
@@ -313,7 +371,8 @@ class Rank1Tracker:
             tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"] = wu.clone(), wv.clone()
         meta = {"format": _FORMAT, "k": self.k, "tol": self.tol, "backend": self.backend, "seed": self.seed,
                 "shapes": {n: list(s) for n, s in self._shapes.items()},
-                "metrics": {_fmt(s): v for s, v in self._metrics.items()}, "observations": meta_obs}
+                "metrics": {_fmt(s): v for s, v in self._metrics.items()}, "observations": meta_obs,
+                "provenance": self._prov}
 
         def fill(d):
             save_file(tensors, os.path.join(d, "vectors.safetensors"))
@@ -325,27 +384,71 @@ class Rank1Tracker:
 
     @classmethod
     def load(cls, path: str) -> "Rank1Tracker":
+        """Load a tracker saved by :meth:`save`. Raises FileNotFoundError without a
+        tracker.json, ValueError (naming the file) for anything unreadable or incomplete."""
         from safetensors.torch import load_file
 
         meta_path = os.path.join(path, "tracker.json")
+        vec_path = os.path.join(path, "vectors.safetensors")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path}: not a saved Rank1Tracker (no tracker.json)")
-        meta = _read_json(meta_path)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-        tensors = load_file(os.path.join(path, "vectors.safetensors"))
-        tr = cls(k=meta["k"], tol=meta["tol"], backend=meta["backend"], seed=meta["seed"])
-        tr._shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-        tr._metrics = {float(s): v for s, v in meta["metrics"].items()}
-        for name, per in meta["observations"].items():
-            tr._obs[name] = {}
-            for step, d in per.items():
-                key = f"{name}::{step}"
-                tr._obs[name][float(step)] = Observation(
-                    tensors[key + "::S"], tensors[key + "::U"], tensors[key + "::V"], d["fro"], d["passes"],
-                    tensors[key + "::res"], d["converged"])
-            tr._warm[name] = (tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"])
+        try:
+            meta = _read_json(meta_path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{meta_path}: unreadable ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        try:
+            tensors = load_file(vec_path)
+        except Exception as exc:  # missing, truncated or corrupted
+            raise ValueError(f"{vec_path}: unreadable ({str(exc).strip()[:120] or type(exc).__name__})") from None
+        try:
+            tr = cls(k=meta["k"], tol=meta["tol"], backend=meta["backend"], seed=meta["seed"])
+            tr._shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+            tr._metrics = {float(s): v for s, v in meta["metrics"].items()}
+            tr._prov = meta.get("provenance", {})
+            for name, per in meta["observations"].items():
+                tr._obs[name] = {}
+                for step, d in per.items():
+                    key = f"{name}::{step}"
+                    tr._obs[name][float(step)] = Observation(
+                        tensors[key + "::S"], tensors[key + "::U"], tensors[key + "::V"], d["fro"], d["passes"],
+                        tensors[key + "::res"], d["converged"])
+                tr._warm[name] = (tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: incomplete tracker (missing {exc})") from None
         return tr
+
+    @classmethod
+    def union(cls, trackers: Sequence["Rank1Tracker"]) -> "Rank1Tracker":
+        """One tracker holding every observation of ``trackers`` (parts saved step by step,
+        or by different ranks), in the order given: a later part's observation of the same
+        module and step, and its warm start, win. Settings come from the first part."""
+        if not trackers:
+            raise ValueError("nothing to put together")
+        first = trackers[0]
+        out = cls(k=first.k, tol=first.tol, backend=first.backend, seed=first.seed)
+        for tr in trackers:
+            if (tr.k, tr.tol) != (first.k, first.tol):
+                raise ValueError(f"cannot combine trackers with k/tol {tr.k}/{tr.tol} and {first.k}/{first.tol}")
+            for name, per in tr._obs.items():
+                out._obs.setdefault(name, {}).update(per)
+                out._shapes[name], out._warm[name] = tr._shapes[name], tr._warm[name]
+                out._prov.setdefault(name, {}).update(tr._prov.get(name, {}))
+            out._metrics.update(tr._metrics)
+        return out
+
+
+def fingerprint(W: Tensor) -> str:
+    """A short hash of a weight's shape, dtype and first and last rows: enough to tell two
+    runs' (or two checkpoints') weights apart without reading them again."""
+    import hashlib
+
+    h = hashlib.sha1(f"{tuple(W.shape)} {W.dtype}".encode())
+    rows = W.reshape(W.shape[0], -1) if W.dim() else W.reshape(1, 1)
+    for r in (rows[:1], rows[-1:]):
+        h.update(r.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _step(step) -> float:
@@ -358,15 +461,22 @@ def _step(step) -> float:
     return s
 
 
+def _window_str(window) -> str:
+    return "(all steps)" if window is None else f"{_fmt(window[0])}:{_fmt(window[1])}"
+
+
 def _fmt(step: float) -> str:
     return str(int(step)) if float(step).is_integer() else repr(float(step))
 
 
-def _drift(X: Tensor) -> Tensor:
-    """Angle (radians) between consecutive rows' directions; NaN for the first row."""
+def _drift(X: Tensor, sigma: Tensor) -> Tensor:
+    """Angle (radians) between consecutive rows' directions; NaN for the first row and
+    wherever either step's σ₁ is 0 (an unchanged module: its vectors are arbitrary)."""
     out = torch.full((X.shape[0],), float("nan"), dtype=torch.float64)
     if X.shape[0] > 1:
         a, b = X[:-1].double(), X[1:].double()
         cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
-        out[1:] = torch.arccos(cos.abs().clamp(max=1.0))
+        ang = torch.arccos(cos.abs().clamp(max=1.0))
+        moved = (sigma[:-1] > 0) & (sigma[1:] > 0)
+        out[1:] = torch.where(moved, ang, torch.full_like(ang, float("nan")))
     return out

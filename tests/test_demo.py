@@ -119,7 +119,8 @@ def test_pyrank_demo_quick_end_to_end(tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert r["algo"] == "hpt" and r["steps"] == [10, 20, 30, 40, 50, 60]
     acc = r["accuracy"]
-    assert set(acc) == {"base", "final", "final_rank1", "window_last", "alpharl_step", "temporal"}
+    assert set(acc) == {"base", "final", "final_rank1", "final_rank1_rest_final", "window_last", "alpharl_step",
+                        "alpharl_growth", "temporal"}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     # The tiny run really learns: RL raises held-out accuracy above the SFT base.
     assert acc["final"] > acc["base"]

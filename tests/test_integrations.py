@@ -138,7 +138,7 @@ def test_rank1_callback_alpharl_mode(tmp_path, caplog):
     model, trainer = _tiny_trainer(tmp_path, cb, max_steps=5, save_steps=100)
     with caplog.at_level("WARNING", logger="pyrank"):
         trainer.train()
-    assert cb.events == [{"step": 4, "to_step": 10, "scale": 0.5, "modules": 14}]
+    assert cb.events == [{"step": 4, "to_step": 10, "scale": 0.5, "update": "official", "modules": 14}]
     assert any("AlphaRL at step 4" in r.message for r in caplog.records)
     # the jump shows in the update: σ₁ at step 4 (observed before the merge) < at step 5
     n = cb.tracking.modules[0]

@@ -215,34 +215,50 @@ def test_extrapolate_writes_the_predicted_model(tmp_path, run):
     got = open_weights(str(out))
     assert json.load(open(out / "config.json"))["model_type"] == "llama"
     info = json.load(open(out / "pyrank_extrapolation.json"))
-    assert info["base"] == "last" and info["applied_to"].endswith("checkpoint-30")
-    # the same computation in Python
+    assert info["base"] == "last" and info["update"] == "official" and info["applied_to"].endswith("checkpoint-30")
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "float32"  # what was written
+    # the same computation in Python: AlphaRL's reference update, the model in float32
     tr = pyrank.Rank1Tracker()
     names = select_modules(list(base))
     for s in (10, 20, 30):
         tr.observe(s, {n: sds[s][n] for n in names}, {n: base[n] for n in names})
     pred = tr.extrapolate(to_step=50, window=(10, 30), scale=0.8)
-    want = pred.apply(sds[30])
+    want = pred.apply(sds[30], dtype=torch.float32)
     assert set(got) == set(sds[30])
     for n in sds[30]:
         assert torch.equal(got[n], want[n]), n
-    assert not torch.equal(got[names[0]], sds[30][names[0]])
+    assert not torch.equal(got[names[0]], sds[30][names[0]].float())
+    # --dtype same --update growth: the checkpoint's dtype, only the rank-1 part's growth added
+    out3 = tmp_path / "pred3"
+    cli("extrapolate", root / "base", *[root / "run" / f"checkpoint-{s}" for s in STEPS],
+        "--window", "10:30", "--to-step", 50, "--scale", 0.8, "--update", "growth", "--dtype", "same", "--out", out3)
+    got3 = open_weights(str(out3))
+    want3 = tr.extrapolate(to_step=50, window=(10, 30), scale=0.8, update="growth").apply(sds[30])
+    assert all(torch.equal(got3[n], want3[n]) for n in sds[30])
+    assert json.load(open(out3 / "config.json")) == json.load(open(root / "run" / "checkpoint-30" / "config.json"))
     # metric mode and base=initial
     out2 = tmp_path / "pred2"
     cli("extrapolate", root / "base", "--run-dir", root / "run", "--window", "10:30", "--metrics",
         root / "metrics.csv", "--target-metric", 0.7, "--base", "initial", "--out", out2)
     got2 = open_weights(str(out2))
-    assert torch.equal(got2["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(got2["model.embed_tokens.weight"], base["model.embed_tokens.weight"].float())
 
 
 def test_reconstruct_writes_rank_k_model(tmp_path, run):
     root, base, sds = run
+    ck = dict(sds[50], **{"lm_head.weight": sds[50]["lm_head.weight"] * 2})  # trained beyond the modules
+    write_model(str(tmp_path / "ck"), ck)
     out = tmp_path / "rank1"
-    cli("reconstruct", root / "base", root / "run" / "checkpoint-50", "--rank", 1, "--out", out)
+    cli("reconstruct", root / "base", tmp_path / "ck", "--rank", 1, "--out", out)
     got = open_weights(str(out))
     n = "model.layers.0.self_attn.o_proj.weight"
-    assert torch.equal(got[n], pyrank.rank_k_reconstruction(base[n], sds[50][n], k=1))
-    assert torch.equal(got["lm_head.weight"], sds[50]["lm_head.weight"])
+    assert torch.equal(got[n], pyrank.rank_k_reconstruction(base[n], ck[n], k=1))
+    # every tensor that is not reconstructed comes from the base, as in AlphaRL's reference code
+    assert torch.equal(got["lm_head.weight"], base["lm_head.weight"])
+    out2 = tmp_path / "rank1-rest"
+    cli("reconstruct", root / "base", tmp_path / "ck", "--rank", 1, "--rest", "checkpoint", "--out", out2)
+    got2 = open_weights(str(out2))
+    assert torch.equal(got2[n], got[n]) and torch.equal(got2["lm_head.weight"], ck["lm_head.weight"])
 
 
 def test_help_has_examples():

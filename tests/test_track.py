@@ -1,4 +1,4 @@
-"""Tracking, alignment, linearity fits and AlphaRL / temporal extrapolation (METHODS.md §1–2)."""
+"""Tracking, alignment, linearity fits and AlphaRL / temporal extrapolation (docs/METHODS.md §1–2)."""
 import math
 
 import pytest
@@ -89,10 +89,13 @@ def test_metric_and_step_modes_agree_and_predict_the_truth():
     metric = lambda t: 0.3 + 0.004 * t  # affine in t  # noqa: E731
     observe_all(tr, W0, series, metric=metric)
     name = "layer.q_proj.weight"
-    assert tr.r2_metric(name) > 0.999
+    # û(t) = σ₁(t)·u₁(t) grows along a fixed direction here: it explains the metric, while the
+    # unit u₁ (AlphaRL's reported R², the default) is constant up to noise and cannot
+    assert tr.r2_metric(name, vector="u_hat") > 0.999
+    assert tr.r2_metric(name) < 0.9
     for t in tr.steps(name):  # a constant metric explains nothing: R² is undefined, not an error
         tr.set_metric(t, 0.5)
-    assert math.isnan(tr.r2_metric(name))
+    assert math.isnan(tr.r2_metric(name)) and math.isnan(tr.r2_metric(name, vector="u_hat"))
     with pytest.raises(ValueError, match="constant"):
         tr.extrapolate(target_metric=0.6)
     observe_all(tr, W0, series, metric=metric)
@@ -106,7 +109,7 @@ def test_metric_and_step_modes_agree_and_predict_the_truth():
     truth = torch.outer(u_true(100), b)
     truth *= math.copysign(1.0, float((pred * truth).sum()))
     assert (pred - truth).norm() <= 0.05 * truth.norm()
-    assert p_step.applies_to == "initial" and p_step.info["window"] == [10, 40]
+    assert p_step.applies_to is None and p_step.info["window"] == [10, 40]
 
 
 def test_apply_equals_fp32_reference_rounded_once():
@@ -114,12 +117,12 @@ def test_apply_equals_fp32_reference_rounded_once():
     tr = pyrank.Rank1Tracker()
     observe_all(tr, W0, series)
     name = "layer.q_proj.weight"
-    pred = tr.extrapolate(to_step=150, window=(10, 50), base="last", scale=0.7)
-    assert pred.applies_to == "step 50"
+    pred = tr.extrapolate(to_step=150, window=(10, 50), base="last", update="growth", scale=0.7)
+    assert pred.applies_to == 50.0
     f = pred.factors[name]
     h = tr.history(name)
     i = h["steps"].index(50.0)
-    # base="last": W_k + λ(û*·v₁ᵀ − û(k)·v₁(k)ᵀ) with v₁ from step k
+    # update="growth": W_k + λ(û*·v₁ᵀ − û(k)·v₁(k)ᵀ) with v₁ from step k
     u_star = pred.factors[name].U[:, 0].double() + h["u_hat"][i].double()
     assert torch.equal(f.V[:, 0], h["v"][i, :, 0])
     weights = {name: series[50], "other": torch.arange(4.0)}
@@ -271,3 +274,63 @@ def test_save_after_a_zero_update(tmp_path):
     tr.save(str(tmp_path / "tr"))
     back = pyrank.Rank1Tracker.load(str(tmp_path / "tr"))
     assert float(back.history("layer.q_proj.weight")["sigma"][0, 0]) == 0.0
+
+
+def test_official_update_and_float32_output():
+    """AlphaRL's reference code: W_k + λ·û*·v_kᵀ, the model kept in float32 (every floating
+    tensor, not only the predicted ones); growth differs from it by exactly λ·û(k)·v_kᵀ."""
+    W0, series, _, _ = make_series(seed=4)
+    tr = pyrank.Rank1Tracker()
+    observe_all(tr, W0, series)
+    name = "layer.q_proj.weight"
+    official = tr.extrapolate(to_step=150, window=(10, 50), scale=0.7)  # the defaults: last, official
+    growth = tr.extrapolate(to_step=150, window=(10, 50), update="growth", scale=0.7)
+    assert official.info["update"] == "official" and official.applies_to == 50.0
+    h = tr.history(name)
+    i = h["steps"].index(50.0)
+    fo, fg = official.factors[name], growth.factors[name]
+    assert torch.allclose(fo.U[:, 0] - fg.U[:, 0], h["u_hat"][i], atol=1e-6 * float(h["u_hat"][i].norm()))
+    weights = {name: series[50], "other": torch.arange(4.0).bfloat16(), "ids": torch.arange(3)}
+    out = official.apply(weights, dtype=torch.float32)
+    assert out[name].dtype == torch.float32 and out["other"].dtype == torch.float32
+    assert out["ids"].dtype == torch.int64  # only floating tensors change dtype
+    want = series[50].float() + 0.7 * (fo.U @ fo.V.T)
+    assert torch.allclose(out[name], want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="needs base='last'"):
+        tr.extrapolate(to_step=150, base="initial", update="growth")
+    with pytest.raises(ValueError, match="to_step must be finite"):
+        tr.extrapolate(to_step=float("inf"))
+
+
+def test_r2_metric_the_official_way():
+    """AlphaRL's reference pipeline (StandardScaler, PLSRegression(n_components=1, scale=False),
+    LinearRegression on the score, r2_score) on the unit, sign-aligned u₁(t) — here a direction
+    that turns with training while σ₁ stays put, so only u₁ carries the metric — and on û(t)."""
+    sk = pytest.importorskip("sklearn")
+    from sklearn.cross_decomposition import PLSRegression
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    g = torch.Generator().manual_seed(5)
+    a, a2 = random_orthonormal(M, 2, g).T
+    b = random_orthonormal(N, 1, g)[:, 0]
+    W0 = (torch.randn(M, N, generator=g, dtype=torch.float64) * 0.02).to(torch.bfloat16)
+    tr = pyrank.Rank1Tracker()
+    metric = {}
+    for t in STEPS:
+        th = 0.004 * t
+        dW = 0.2 * torch.outer(math.cos(th) * a + math.sin(th) * a2, b) + 2e-5 * torch.randn(M, N, generator=g,
+                                                                                             dtype=torch.float64)
+        metric[t] = 0.3 + 0.002 * t + 0.01 * math.sin(t)  # not exactly linear: R² < 1
+        tr.observe(t, {"w": (W0.double() + dW).to(torch.bfloat16)}, {"w": W0}, metric=metric[t])
+    h = tr.history("w")
+    y = [metric[t] for t in STEPS]
+    for vector, X in (("u", h["u"][:, :, 0]), ("u_hat", h["u_hat"])):
+        Xs = StandardScaler().fit_transform(X.double().numpy())
+        z = PLSRegression(n_components=1, scale=False).fit(Xs, y).x_scores_
+        want = r2_score(y, LinearRegression().fit(z, y).predict(z))
+        assert tr.r2_metric("w", vector=vector) == pytest.approx(want, abs=1e-6)
+    assert tr.r2_metric("w") > 0.9
+    with pytest.raises(ValueError, match="vector must be"):
+        tr.r2_metric("w", vector="v")

@@ -1,4 +1,4 @@
-"""The demo's training: supervised warm-up, then RL with a verifiable reward (METHODS.md §5).
+"""The demo's training: supervised warm-up, then RL with a verifiable reward (docs/METHODS.md §5).
 
 GRPO: per prompt, ``group`` completions are sampled from the current policy and scored
 by the verifier; each completion's advantage is its reward minus the group's mean,

@@ -32,28 +32,32 @@ class Rank1Callback(TrainerCallback):
 
     AlphaRL mode: with ``extrapolate_at=S`` and ``to_step=T``, at step S (observed first)
     the rank-1 trajectory of every module over the steps observed so far (at least 3) is
-    extrapolated linearly in the step to T and merged into the live weights
-    (base="last": W_S + λ·(û*·v₁ᵀ − û(S)·v₁(S)ᵀ)); the event is logged and recorded in
-    ``self.events``. The optimizer's moments are left as they are.
+    extrapolated linearly in the step to T and merged into the live weights: W_S + λ·û*·v₁ᵀ
+    as AlphaRL's reference code does (``update="official"``), or W_S + λ·(û* − û(S))·v₁ᵀ
+    (``update="growth"``, see :meth:`pyrank.Rank1Tracker.extrapolate`); the event is logged
+    and recorded in ``self.events``. The optimizer's moments are left as they are.
 
     Args:
         every_n_steps: observation period in optimizer steps (None: only at saves).
         k, tol, include, exclude, base_device, backend: see :class:`TrainingTracker`.
-        extrapolate_at, to_step, scale: AlphaRL mode (both steps or neither); λ = ``scale``.
+        extrapolate_at, to_step, scale, update: AlphaRL mode (both steps or neither); λ = ``scale``.
         tracker_dir: where to save the tracker (default ``<output_dir>/pyrank_tracker``).
     """
 
     def __init__(self, every_n_steps: Optional[int] = None, *, k: int = 1, tol: float = 1e-4,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), base_device: str = "cpu",
                  backend: str = "auto", extrapolate_at: Optional[int] = None, to_step: Optional[int] = None,
-                 scale: float = 1.0, tracker_dir: Optional[str] = None, base_state_dict=None):
+                 scale: float = 1.0, update: str = "official", tracker_dir: Optional[str] = None,
+                 base_state_dict=None):
         if (extrapolate_at is None) != (to_step is None):
             raise ValueError("AlphaRL mode needs both extrapolate_at= and to_step= (or neither)")
         if extrapolate_at is not None and to_step <= extrapolate_at:
             raise ValueError(f"to_step ({to_step}) must be after extrapolate_at ({extrapolate_at})")
+        if update not in ("official", "growth"):
+            raise ValueError(f"update must be 'official' or 'growth', got {update!r}")
         self.tracking = TrainingTracker(k=k, tol=tol, every_n_steps=every_n_steps, include=include,
                                         exclude=exclude, base_device=base_device, backend=backend)
-        self.extrapolate_at, self.to_step, self.scale = extrapolate_at, to_step, float(scale)
+        self.extrapolate_at, self.to_step, self.scale, self.update = extrapolate_at, to_step, float(scale), update
         self.tracker_dir, self._base_sd = tracker_dir, base_state_dict
         self.events: list = []
 
@@ -98,9 +102,11 @@ class Rank1Callback(TrainerCallback):
         if n < 3:
             raise ValueError(f"AlphaRL at step {step}: {n} observations so far, at least 3 are needed "
                              "(lower every_n_steps)")
-        pred = tr.tracker.extrapolate(to_step=self.to_step, base="last", scale=self.scale) if tr.is_main else None
+        pred = (tr.tracker.extrapolate(to_step=self.to_step, base="last", update=self.update, scale=self.scale)
+                if tr.is_main else None)
         tr.apply_prediction(model, pred)
-        event = {"step": step, "to_step": self.to_step, "scale": self.scale, "modules": len(tr.modules)}
+        event = {"step": step, "to_step": self.to_step, "scale": self.scale, "update": self.update,
+                 "modules": len(tr.modules)}
         self.events.append(event)
         logger.warning("pyrank: AlphaRL at step %d: replaced %d modules' weights by their rank-1 prediction "
                        "for step %d (λ=%g)", step, len(tr.modules), self.to_step, self.scale)

@@ -15,6 +15,11 @@ _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _PT_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
 _PT_INDEX = "pytorch_model.bin.index.json"
+# safetensors' dtype codes as torch names them, so a .bin checkpoint and a safetensors base compare
+_ST_DTYPES = {"BF16": "torch.bfloat16", "F16": "torch.float16", "F32": "torch.float32", "F64": "torch.float64",
+              "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+              "U8": "torch.uint8", "BOOL": "torch.bool", "F8_E4M3": "torch.float8_e4m3fn",
+              "F8_E5M2": "torch.float8_e5m2"}
 
 
 class LazyWeights(Mapping):
@@ -50,14 +55,18 @@ class LazyWeights(Mapping):
             raise KeyError(name)
         return self._read(name, lambda f: f.get_tensor(name).clone())
 
+    def __contains__(self, name):  # from the index: Mapping's default would read the tensor
+        return name in self._files
+
     def file_of(self, name) -> str:
         return self._files[name]
 
     def shape_dtype(self, name) -> Tuple[Tuple[int, ...], str]:
-        """Shape and dtype string without reading the data."""
+        """Shape and dtype (torch's name, e.g. ``"torch.bfloat16"``) without reading the data."""
         def meta(f):
             sl = f.get_slice(name)
-            return tuple(sl.get_shape()), sl.get_dtype()
+            code = sl.get_dtype()
+            return tuple(sl.get_shape()), _ST_DTYPES.get(code, code)
         return self._read(name, meta)
 
     def __iter__(self):
@@ -105,8 +114,23 @@ def _short(exc) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
+def _regular_file(path: str, what: str = "weight file") -> str:
+    """``path`` if it is a regular file; a FIFO, device or socket would block or stream forever."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise PyrankIOError(f"{path}: cannot open {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise PyrankIOError(f"{path}: not a regular file (a {what} must be one; FIFOs and devices are refused)")
+    return path
+
+
 def _safetensors_names(path: str) -> List[str]:
     from safetensors import safe_open
+
+    _regular_file(path)
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -116,6 +140,7 @@ def _safetensors_names(path: str) -> List[str]:
 
 
 def _load_pt(path: str) -> _EagerWeights:
+    _regular_file(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -135,6 +160,8 @@ def open_weights(path: str) -> Mapping:
     """A read-only mapping name → tensor for a model directory or weight file (see module doc)."""
     if not os.path.exists(path):
         raise PyrankIOError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        _regular_file(path)
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             return LazyWeights({n: path for n in _safetensors_names(path)}, path)
@@ -144,13 +171,23 @@ def open_weights(path: str) -> Mapping:
     index = os.path.join(path, _INDEX)
     if os.path.exists(index):
         try:
-            with open(index) as f:
+            with open(_regular_file(index, "index"), encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
+        except PyrankIOError:
+            raise
         except Exception as exc:
             raise PyrankIOError(f"{index}: not a safetensors index ({_short(exc)})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise PyrankIOError(f"{index}: not a safetensors index (weight_map must map tensor names to file "
+                                f"names, got {type(weight_map).__name__})")
         files = {}
         for name, shard in weight_map.items():
             shard_path = os.path.join(path, shard)
+            # a shard is a file name in this directory, as HF writes them (a symlink there, as in
+            # the Hub cache, is fine): never a path that leaves it
+            if os.path.isabs(shard) or os.path.dirname(os.path.normpath(shard)) or shard in ("", ".", ".."):
+                raise PyrankIOError(f"{index}: shard {shard!r} of tensor {name!r} is not a file in {path}")
             if not os.path.exists(shard_path):
                 raise PyrankIOError(f"{shard_path}: shard named by {index} is missing")
             files[name] = shard_path

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -40,14 +41,63 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_dir(path: str, fill) -> None:
-    """Create directory ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling,
-    which is fsynced and renamed into place (replacing an existing ``path`` by a swap).
-    On any exception the temporary directory is removed and ``path`` is untouched."""
+def _umask() -> int:
+    mask = os.umask(0o022)  # (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(top: str) -> None:
+    """Give ``top`` and everything in it the modes a plain mkdir/open would have: mkdtemp
+    makes 0700 and some writers 0600 files, which other users of a shared cluster could
+    not read."""
+    mask = _umask()
+    for root, dirs, files in os.walk(top):
+        os.chmod(root, 0o777 & ~mask)
+        for fn in files:
+            os.chmod(os.path.join(root, fn), 0o666 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``path`` left by writers
+    that were killed (their process is gone); those of live writers stay."""
+    parent, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        for kind in (".tmp-", ".old-"):
+            head = f".{base}{kind}"
+            if entry.startswith(head):
+                pid = entry[len(head):].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def atomic_dir(path: str, fill, *, replace: bool = True) -> None:
+    """Create directory ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling
+    (``.NAME.tmp-PID-…``), which is fsynced, given the umask's permissions and renamed into
+    place. On any exception (KeyboardInterrupt and SystemExit included) the temporary
+    directory is removed and ``path`` is untouched.
+
+    ``replace=True`` swaps out an existing ``path``; ``replace=False`` never does: if
+    another process created ``path`` meanwhile, the rename fails, this call raises
+    :class:`PyrankIOError` and the other output stays as it was. Temporaries of killed
+    writers to the same ``path`` are removed first."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    remove_stale_temporaries(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
     try:
         fill(tmp)
         for root, _, files in os.walk(tmp):
@@ -58,13 +108,22 @@ def atomic_dir(path: str, fill) -> None:
                 finally:
                     os.close(fd)
             _fsync_dir(root)
-        if os.path.exists(path):  # swap the old directory out, the new one in
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        _follow_umask(tmp)
+        if replace and os.path.exists(path):  # swap the old directory out, the new one in
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{os.getpid()}-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, path)
+            # rename(2) onto an existing non-empty directory fails (EEXIST/ENOTEMPTY), onto a
+            # file too (ENOTDIR): exactly one of two racing writers gets the name
+            try:
+                os.rename(tmp, path)
+            except OSError as exc:
+                if os.path.exists(path):
+                    raise PyrankIOError(f"{path}: already exists (another process wrote it meanwhile; "
+                                        "pass --force to replace it)") from None
+                raise exc
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,8 +149,12 @@ def _write_shards(tmp: str, weights: Mapping, names, prefix: str, max_shard_byte
     names = list(names)
     for i, name in enumerate(names):
         t = weights[name]
-        if name in modified and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PyrankIOError(f"tensor {name!r}: the result contains NaN or Inf; nothing was written")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if name in modified:
+                raise PyrankIOError(f"tensor {name!r}: the result contains NaN or Inf; nothing was written")
+            # an input's own non-finite values (often unused buffers): carried over, said aloud
+            warnings.warn(f"tensor {name!r} contains NaN or Inf; it is copied unchanged from the input",
+                          UserWarning, stacklevel=2)
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -103,9 +166,12 @@ def _write_shards(tmp: str, weights: Mapping, names, prefix: str, max_shard_byte
     return shards
 
 
-def _finalize(tmp: str, shards, base_dir: Optional[str], extra_files: Optional[dict]) -> None:
+def _finalize(tmp: str, shards, base_dir: Optional[str], extra_files: Optional[dict],
+              config_dtype: Optional[str] = None) -> None:
     """Give the shards their final names (``model.safetensors``, or ``model-i-of-n`` plus
-    the index), copy the base directory's config/tokenizer files, write ``extra_files``."""
+    the index), copy the base directory's config/tokenizer files (config.json's dtype set to
+    ``config_dtype`` when given, so ``torch_dtype="auto"`` loads what was written), write
+    ``extra_files``."""
     n = len(shards)
     weight_map, total = {}, 0
     for i, (fn, names, nbytes) in enumerate(shards):
@@ -119,7 +185,17 @@ def _finalize(tmp: str, shards, base_dir: Optional[str], extra_files: Optional[d
     if base_dir and os.path.isdir(base_dir):
         for fn in _COPY:
             src = os.path.join(base_dir, fn)
-            if os.path.exists(src):
+            if not os.path.exists(src):
+                continue
+            if fn == "config.json" and config_dtype is not None:
+                with open(src) as f:
+                    cfg = json.load(f)
+                for key in ("torch_dtype", "dtype"):  # transformers 4 writes the first, 5 the second
+                    if key in cfg or key == "torch_dtype":
+                        cfg[key] = config_dtype
+                with open(os.path.join(tmp, fn), "w") as f:
+                    json.dump(cfg, f, indent=2)
+            else:
                 shutil.copyfile(src, os.path.join(tmp, fn))
     for fn, obj in (extra_files or {}).items():
         with open(os.path.join(tmp, fn), "w") as f:
@@ -135,7 +211,7 @@ def _io_error(out_dir, exc):
 
 def write_hf_dir(out_dir: str, weights: Mapping, *, base_dir: Optional[str] = None, inputs: Iterable[str] = (),
                  force: bool = False, modified: Iterable[str] = (), max_shard_bytes: int = 2 << 30,
-                 extra_files: Optional[dict] = None, progress=None) -> None:
+                 extra_files: Optional[dict] = None, progress=None, config_dtype: Optional[str] = None) -> None:
     """Write ``weights`` (a mapping, read one tensor at a time) as an HF model directory.
 
     Shards of at most ``max_shard_bytes`` plus ``model.safetensors.index.json`` when more
@@ -151,10 +227,10 @@ def write_hf_dir(out_dir: str, weights: Mapping, *, base_dir: Optional[str] = No
 
     def fill(tmp):
         shards = _write_shards(tmp, weights, list(weights), "shard-", max_shard_bytes, modified, progress)
-        _finalize(tmp, shards, base_dir, extra_files)
+        _finalize(tmp, shards, base_dir, extra_files, config_dtype)
 
     try:
-        atomic_dir(out_dir, fill)
+        atomic_dir(out_dir, fill, replace=force)
     except Exception as exc:  # OSError, or safetensors' own error for a full disk
         raise _io_error(out_dir, exc) from None
 
@@ -162,7 +238,8 @@ def write_hf_dir(out_dir: str, weights: Mapping, *, base_dir: Optional[str] = No
 def write_hf_dir_sharded(out_dir: str, weights: Mapping, my_names: Sequence[str], world, *,
                          base_dir: Optional[str] = None, inputs: Iterable[str] = (), force: bool = False,
                          modified: Iterable[str] = (), max_shard_bytes: int = 2 << 30,
-                         extra_files: Optional[dict] = None, progress=None) -> None:
+                         extra_files: Optional[dict] = None, progress=None,
+                         config_dtype: Optional[str] = None) -> None:
     """:func:`write_hf_dir` across the ranks of ``world`` (a :class:`pyrank.distributed.World`):
     every rank writes its own tensors ``my_names`` as shard files into one temporary
     directory, rank 0 the index and the copied files, and renames it into place when every
@@ -189,10 +266,10 @@ def write_hf_dir_sharded(out_dir: str, weights: Mapping, my_names: Sequence[str]
         def fill(tmp):
             world.all_gather(tmp)
             shared[0] = True
-            _finalize(tmp, rank_shards(tmp), base_dir, extra_files)
+            _finalize(tmp, rank_shards(tmp), base_dir, extra_files, config_dtype)
 
         try:
-            atomic_dir(out_dir, fill)
+            atomic_dir(out_dir, fill, replace=force)
             status = ("ok",)
         except Exception as exc:
             status = ("error", str(_io_error(out_dir, exc)))
