@@ -8,3 +8,4 @@ python bench_svd.py --backends cpu,torch
 python bench_track.py
 python bench_io.py
 python bench_adapters.py
+python bench_lowrank.py
