@@ -12,9 +12,7 @@
 // run register-blocked products over it: a block of rows × up to 4 columns of partial sums
 // stays in registers, so each load of Δ feeds several columns and each load of X or of an
 // accumulator feeds several rows. Both use GCC vector extensions sized to the variant's ISA,
-// so one source serves every ISA. Against the one-column `omp simd` sweeps they replaced
-// (interleaved A/B, 4096×11008 bf16, 2 cores) the fused two-sided pass is 1.1–1.4× faster at
-// k = 1–4 and 1.3–1.6× at k = 8–32.
+// so one source serves every ISA. What they replaced and what was measured: docs/DESIGN.md.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,13 +119,7 @@ static inline void load_delta(const Mat& A, const Mat& B, int64_t i, int64_t j0,
 // The products work on an fp32 tile of Δ in L1 (dt: G rows × J columns, zero-padded to a
 // whole number of vectors). Each block keeps a few rows × a few columns of partial sums in
 // vector registers, so one load of Δ feeds CB columns and one load of X or of the Δᵀ·Y
-// accumulator feeds RB rows. Measured single-threaded on hot data (AVX-512, k = 8/16/32):
-// Δ·X 1.5–1.7× and Δᵀ·Y 1.1–1.3× faster than one dot-product sweep per column.
-// Where the time goes at k ≥ 8 (single thread, 1024×4096 bf16 pair hot in L3, 2.5 GHz):
-// ~0.86 cycles per vector FMA and ~6 cycles per 16 elements of conversion and overhead,
-// against 0.5 and ~2.5 for the ports alone. A standalone dx_block<4, 4> reaches 0.53 cycles
-// per FMA over 1024-column chunks (0.71–0.79 over 256), but 512- and 1024-column tiles made
-// the products no faster end to end (interleaved A/B, 4096×11008, k = 8–64: 0.8–1.1×).
+// accumulator feeds RB rows (where the time goes, and the tile sizes tried: docs/DESIGN.md).
 #if defined(__AVX512F__)
 constexpr int64_t VL = 16;
 #elif defined(__AVX__)

@@ -92,7 +92,6 @@ py::dict cpu_features() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyrank's C++ CPU backend: fused kernels on (A - B), runtime SIMD dispatch";
   select_best();
-  m.attr("has_kernels") = true;
   m.def("cpu_features", &cpu_features, "SIMD features of this CPU, as the dispatcher sees them");
   m.def("selected_isa", [] { return std::string(g_table.name); }, "the kernel variant in use");
   m.def("set_isa", &set_isa, py::arg("name"), "use another built, supported kernel variant");

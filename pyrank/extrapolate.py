@@ -15,7 +15,6 @@ All fits run in float64 on the CPU: they are small (T × m) and precision is che
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -168,16 +167,18 @@ class Prediction:
                 tensors[f"{name}::{part}"] = getattr(f, part).contiguous()
         meta = {"applies_to": self.applies_to, "info": self.info,
                 "alpha": {n: f.alpha for n, f in self.factors.items()}}
-        from .io.writers import atomic_dir
+        from .io.writers import atomic_dir, write_json
 
         atomic_dir(path, lambda d: (save_file(tensors, os.path.join(d, "factors.safetensors")),
-                                    _write_json(os.path.join(d, "prediction.json"), meta)))
+                                    write_json(os.path.join(d, "prediction.json"), meta)))
 
     @classmethod
     def load(cls, path: str) -> "Prediction":
         from safetensors.torch import load_file
 
-        meta = _read_json(os.path.join(path, "prediction.json"))
+        from .io.readers import read_json
+
+        meta = read_json(os.path.join(path, "prediction.json"))
         tensors = load_file(os.path.join(path, "factors.safetensors"))
         factors = {n: Factors(tensors[f"{n}::U"], tensors[f"{n}::S"], tensors[f"{n}::V"], float(a))
                    for n, a in meta["alpha"].items()}
@@ -285,16 +286,3 @@ def _temporal_one(name, base, cks, steps, to_step, backend):
     for bt, W in zip(beta.tolist(), Ws):
         out.add_(W.to(cd) - W0.to(cd), alpha=bt)
     return out.to(W0.dtype)
-
-
-# ------------------------------------------------------------------ files
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)

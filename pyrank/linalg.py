@@ -26,21 +26,8 @@ Gram–Schmidt twice (a third time for the few directions far weaker than the bl
 strongest), then Householder QR with a rank-revealing SVD of R, which also drops
 directions the operator has exhausted (rank-deficient or zero Δ).
 
-Why Krylov rather than plain subspace iteration (``method="subspace"``, kept for such
-comparisons): on a 1024×2048 RL-like bf16 update (pyrank.testing.rl_like_pair, σ₂/σ₁ =
-0.32, a flat noise bulk from σ₄) to tol 1e-4, Krylov took 6 passes at k = 1 and 37 at
-k = 8, subspace iteration 7 and more than 40. Passes are what cost.
-
-Tried and removed (2026-11-22): *chained* passes — Y = Δ·(new V) and Δᵀ·Y in one read (a
-row tile's Δ·X is finished before its transposed product), deriving the Δᵀ products of
-the new left directions orth(Y) from stored products, so that one read advances both
-sides. Cold k = 1 on 4096×11008 bf16 took 4 reads instead of 6 and 11% less time (58 vs
-65 ms, C++ backend, 2 cores), but k = 8 took as many reads (37–40 vs 38–40) and k = 32
-29–36 vs 38, for 13–35% more time (two variants: chaining every pass, or only passes that
-would otherwise be one-sided): a derived product's error grows by ‖Y‖/σ_min(new part of Y) at
-every step, so from the second Krylov step on most derived products exceeded an error
-budget of 10% of tol and had to be multiplied directly, while the chained pass itself
-costs 1.1–1.4× a fused two-sided one here. Warm starts were no faster (2 reads either way).
+Why Krylov, and what else was tried (chained passes, subspace iteration), with the
+measurements: docs/DESIGN.md.
 """
 from __future__ import annotations
 
@@ -285,7 +272,6 @@ def svd_lowrank(
     oversample: Optional[int] = None,
     seed: Optional[int] = None,
     backend: str = "auto",
-    method: str = "krylov",
     fro: bool = False,
 ) -> LowRankSVD:
     """Top-k singular triplets of ``A − base`` without forming it.
@@ -308,9 +294,6 @@ def svd_lowrank(
         oversample: extra basis columns (default :func:`default_oversample`).
         seed: seeds the random start (None means 0: results are reproducible).
         backend: "auto", "torch", "cpu" or "triton" (see :mod:`pyrank.ops`).
-        method: "krylov" (default) keeps the whole block Krylov space between
-            restarts; "subspace" keeps only the newest block (subspace iteration with
-            Rayleigh–Ritz), kept for the benchmark that chose between them.
         fro: also return ‖A − base‖_F (``result.fro``), summed during the first pass —
             no extra read.
 
@@ -324,8 +307,6 @@ def svd_lowrank(
         raise ValueError(f"k must be >= 1, got {k}")
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if method not in ("krylov", "subspace"):
-        raise ValueError(f"method must be 'krylov' or 'subspace', got {method!r}")
     m, n = A.shape
     if m == 0 or n == 0:
         raise ValueError(f"A is empty (shape {tuple(A.shape)})")
@@ -346,7 +327,7 @@ def svd_lowrank(
     like = torch.empty(0, dtype=cdtype, device=dev)
     # Krylov bases grow by ≤ l columns a pass; restart beyond this (measured: a larger
     # basis saves passes, and (m+n)·max_basis floats is still small next to A)
-    max_basis = max(8 * l, 64) if method == "krylov" else l
+    max_basis = max(8 * l, 64)
 
     # ---- start blocks: pending directions whose products are not yet known
     if init is not None:
@@ -469,15 +450,7 @@ def svd_lowrank(
             if out is not None:
                 return out
 
-        if method == "subspace":
-            # plain two-sided subspace iteration: replace both bases by Δ·(Ritz V), Δᵀ·(Ritz U)
-            keep = min(l, sig.shape[0])
-            pend_u = _orth_against(None, YV @ Q[:, :keep], drop, l)[0]
-            pend_v = _orth_against(None, ZU @ P[:, :keep], drop, l)[0]
-            for b in (bU, bZU, bV, bYV):
-                b.count = 0
-            C = C[:0, :0]
-        elif U.shape[1] + pend_u.shape[1] > max_basis or V.shape[1] + pend_v.shape[1] > max_basis:
+        if U.shape[1] + pend_u.shape[1] > max_basis or V.shape[1] + pend_v.shape[1] > max_basis:
             # thick restart: keep the top-l Ritz vectors, rotate their stored products, and
             # continue from their residual directions
             keep = min(l, sig.shape[0])

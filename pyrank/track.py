@@ -23,7 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .extrapolate import PLS1, Factors, Prediction, _read_json, _write_json, line_fit, r2_in_step
+from .extrapolate import PLS1, Factors, Prediction, line_fit, r2_in_step
+from .io.readers import read_json
+from .io.writers import atomic_dir, write_json
 from .linalg import svd_lowrank
 
 __all__ = ["Rank1Tracker", "Observation"]
@@ -376,9 +378,7 @@ class Rank1Tracker:
 
         def fill(d):
             save_file(tensors, os.path.join(d, "vectors.safetensors"))
-            _write_json(os.path.join(d, "tracker.json"), meta)
-
-        from .io.writers import atomic_dir
+            write_json(os.path.join(d, "tracker.json"), meta)
 
         atomic_dir(path, fill)
 
@@ -393,7 +393,7 @@ class Rank1Tracker:
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path}: not a saved Rank1Tracker (no tracker.json)")
         try:
-            meta = _read_json(meta_path)
+            meta = read_json(meta_path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{meta_path}: unreadable ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:

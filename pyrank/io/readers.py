@@ -114,6 +114,12 @@ def _short(exc) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
+def read_json(path: str):
+    """A JSON file pyrank wrote (tracker, prediction), read as UTF-8."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _regular_file(path: str, what: str = "weight file") -> str:
     """``path`` if it is a regular file; a FIFO, device or socket would block or stream forever."""
     import stat

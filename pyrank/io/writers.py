@@ -33,6 +33,12 @@ def check_output(out_dir: str, inputs: Iterable[str], force: bool) -> None:
         raise PyrankIOError(f"{out_dir}: already exists (pass --force to replace it)")
 
 
+def write_json(path: str, obj) -> None:
+    """A JSON file (inside a directory being filled for :func:`atomic_dir`)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
