@@ -5,7 +5,7 @@
 3. RL (GRPO, or HPT) from the base with the verifier's reward, saving a bf16 checkpoint
    every ``save_every`` steps in the transformers ``checkpoint-N/`` layout, and its
    validation accuracy (the metric for AlphaRL's PLS fit) in ``run/val_accuracy.csv``.
-4. ``pyrank analyze --diagnostics`` on the run (the same command a user would type) → σ₁
+4. ``pyrank analyze --diagnostics`` on the run (the library calls that command makes) → σ₁
    trajectories, energy fractions, linearity R², bf16 update sparsity, principal angles,
    spectral shift, principal-weight overlaps.
 5. Rank-1 dominance: the test accuracy of W₀ + norm-matched rank-1 part of the final
@@ -103,10 +103,10 @@ def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False
 
 
 def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
-    from ..cli import main as cli_main
+    from .. import pipeline
     from ..extrapolate import Overlay, rank_k_reconstruction, temporal_extrapolate
     from ..io import find_checkpoints, open_weights
-    from ..track import Rank1Tracker
+    from ..report import jsonable, print_diagnostics, print_summary
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -155,16 +155,18 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
          f"{len(ckpts)} checkpoints → test accuracy {acc['final']:.3f} "
          f"({time.perf_counter() - t_start:.0f} s)")
 
-    # pyrank analyze, exactly as a user would run it on this directory.
+    # what `pyrank analyze BASE --run-dir RUN --metrics … --diagnostics --out …/analysis` runs
     _say(f"[4/5] pyrank analyze {base_dir} --run-dir {run_dir} --metrics {run_dir}/val_accuracy.csv "
          f"--diagnostics --out {out}/analysis")
-    rc = cli_main(["analyze", base_dir, "--run-dir", run_dir, "--metrics", os.path.join(run_dir, "val_accuracy.csv"),
-                   "--diagnostics", "--out", os.path.join(out, "analysis")])
-    if rc != 0:
-        raise RuntimeError("pyrank analyze failed on the demo's own run (see the error above)")
-    tracker = Rank1Tracker.load(os.path.join(out, "analysis", "tracker"))
-    with open(os.path.join(out, "analysis", "report.json")) as f:
-        analysis = json.load(f)
+    series = pipeline.open_series(base_dir, run_dir=run_dir, metrics=os.path.join(run_dir, "val_accuracy.csv"))
+    result = pipeline.analyze_run(series, pipeline.AnalyzeOptions(diagnostics=True))
+    pipeline.write_analysis(result, os.path.join(out, "analysis"), inputs=series.inputs)
+    print_summary(result.report)
+    print_diagnostics(result.report)
+    print(f"wrote {out}/analysis/report.json, modules.csv, plots and tracker/ ({len(series.modules)} modules × "
+          f"{len(series.checkpoints)} checkpoints)")
+    tracker = result.tracker
+    analysis = jsonable(result.report)  # (as report.json has it: NaN as None)
     names = analysis["selected_modules"]
 
     # Rank-1 dominance: W0 + α·σ1·u1·v1ᵀ for every selected module of the final model; every
