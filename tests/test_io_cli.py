@@ -451,3 +451,28 @@ def test_analyze_diagnostics_with_an_unchanged_checkpoint(tmp_path, run):
     assert d0["overlap_princ"] is None and d0["nss"] == 0.0 and d0["changed_fraction"] == 0.0
     assert m["diagnostics"][1]["jaccard_prev"] == 0.0
     assert (out / "principal_overlap_heatmap.png").exists() and (out / "tracker" / "tracker.json").exists()
+
+
+def test_the_pipeline_is_what_the_command_runs(tmp_path, run):
+    """`pyrank analyze` is argv around pyrank.pipeline: the library call gives the same report."""
+    from pyrank import pipeline
+    from pyrank.report import jsonable
+
+    root, base, sds = run
+    cli("analyze", root / "base", "--run-dir", root / "run", "--metrics", root / "metrics.csv", "--k", 2,
+        "--out", tmp_path / "cli")
+    series = pipeline.open_series(str(root / "base"), run_dir=str(root / "run"), metrics=str(root / "metrics.csv"))
+    result = pipeline.analyze_run(series, pipeline.AnalyzeOptions(k=2, quiet=True))
+    want = json.load(open(tmp_path / "cli" / "report.json"))
+    assert json.loads(json.dumps(jsonable(result.report))) == want
+    with pytest.raises(pipeline.PipelineError, match="--k must be >= 1"):
+        pipeline.analyze_run(series, pipeline.AnalyzeOptions(k=0))
+    pipeline.write_analysis(result, str(tmp_path / "lib"), inputs=series.inputs)
+    assert json.load(open(tmp_path / "lib" / "report.json")) == want
+
+
+def test_importing_the_demo_or_the_pipeline_does_not_import_the_cli():
+    code = ("import sys, pyrank.demo, pyrank.demo.run, pyrank.pipeline, pyrank.report; "
+            "assert 'pyrank.cli' not in sys.modules, 'imported the CLI'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
