@@ -14,9 +14,13 @@ import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["pyrank", "pyrank.triton_kernels"]
+# The source tree and the import tree differ in two places, both mapped here: the top-level
+# folder triton_kernels/ is installed as pyrank.triton_kernels (never as a top-level
+# triton_kernels, a name Triton's own project and a PyPI package use), and csrc/ is compiled
+# into the extension pyrank._C. Everything else is pyrank/ as it is, subpackages included.
+PACKAGES = ["pyrank"] + [f"pyrank.{p}" for p in find_packages("pyrank")] + ["pyrank.triton_kernels"]
 PACKAGE_DIR = {"pyrank": "pyrank", "pyrank.triton_kernels": "triton_kernels"}
 
 # variant name -> (source, extra compiler flags); "scalar" is built everywhere

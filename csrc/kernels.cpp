@@ -419,7 +419,7 @@ static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const flo
 }
 
 template <int DT>
-static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, int64_t kx,
+static void delta_products_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, int64_t kx,
                        float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
                        int nthreads) {
   if (nthreads < 1) nthreads = 1;
@@ -460,13 +460,13 @@ static void fused_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, i
   }
 }
 
-static void delta_mm_both(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
+static void delta_products(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
                           int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
                           double* sq, int nthreads) {
   switch (dtype) {
-    case kBF16: return fused_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
-    case kF16: return fused_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
-    default: return fused_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    case kBF16: return delta_products_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    case kF16: return delta_products_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
+    default: return delta_products_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nthreads);
   }
 }
 
@@ -622,7 +622,7 @@ static void delta_gram(int dtype, int64_t m, int64_t n, const Mat* As, int64_t T
 
 extern "C" void PR_CAT(pyrank_kernels_, PYRANK_ISA)(pyrank::KernelTable* t) {
   t->name = PR_STR(PYRANK_ISA);
-  t->delta_mm_both = &pyrank::PYRANK_ISA::delta_mm_both;
+  t->delta_products = &pyrank::PYRANK_ISA::delta_products;
   t->merge_lowrank = &pyrank::PYRANK_ISA::merge_lowrank;
   t->delta_gram = &pyrank::PYRANK_ISA::delta_gram;
 }

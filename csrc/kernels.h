@@ -25,7 +25,7 @@ struct KernelTable {
   // out_yT (ky×n) = (Δᵀ·Y)ᵀ with Y (m×ky); *sq = ‖Δ‖_F² when sq is not null. Either product
   // may be skipped (k = 0). One read of A and B serves all. A.s1 == B.s1 == 1 is the fast
   // path; any other strides are gathered.
-  void (*delta_mm_both)(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
+  void (*delta_products)(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
                         int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
                         double* sq, int nthreads);
   // out = round_to_dtype(W + US·VT), US (m×k) = α·U·diag(S), VT (k×n); out may alias W

@@ -101,15 +101,15 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, "kernel variants built into this module that this CPU can run");
   m.def(
-      "delta_mm_both",
+      "delta_products",
       [](int dtype, int64_t rows, int64_t cols, uintptr_t a, int64_t as0, int64_t as1, uintptr_t b,
          int64_t bs0, int64_t bs1, uintptr_t xt, int64_t kx, uintptr_t out_x, uintptr_t y,
-         int64_t ky, uintptr_t out_yt, bool want_sq, int nthreads) {
+         int64_t ky, uintptr_t out_yt, bool sqnorm, int nthreads) {
         double sq = 0.0;
-        g_table.delta_mm_both(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1),
+        g_table.delta_products(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1),
                               reinterpret_cast<const float*>(xt), kx, reinterpret_cast<float*>(out_x),
                               reinterpret_cast<const float*>(y), ky, reinterpret_cast<float*>(out_yt),
-                              want_sq ? &sq : nullptr, nthreads);
+                              sqnorm ? &sq : nullptr, nthreads);
         return sq;
       },
       py::call_guard<py::gil_scoped_release>());

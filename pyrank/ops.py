@@ -17,20 +17,21 @@ and device, with any strides; B may be None (then A alone). The small operands
 (X, Y, U, S, V) are cast to the compute dtype — float32, or float64 for float64
 weights — and results come back in it. A − B is never materialized.
 
-Backends: ``"torch"`` (reference, any device), ``"cpu"`` (pyrank._C, C++), and
-``"triton"`` (pyrank.triton_kernels, CUDA; on CPU tensors only under
-TRITON_INTERPRET=1, which is how the tests run it). ``"auto"`` — or the
-``PYRANK_BACKEND`` environment variable when set — picks triton for CUDA tensors,
-cpu for CPU tensors when the extension is built, and torch otherwise.
+Backends and their contract: :mod:`pyrank.backends` (``"torch"``, the reference, any
+device; ``"cpu"``, pyrank._C; ``"triton"``, pyrank.triton_kernels). ``"auto"`` — or the
+``PYRANK_BACKEND`` environment variable when set — picks triton for CUDA tensors, cpu for
+CPU tensors when the extension is built, and torch otherwise. float64 weights are computed
+by the reference, in float64, whatever the backend.
 """
 from __future__ import annotations
 
-import importlib
-import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .backends import (BACKENDS, BackendUnavailable, _loaded, compute_dtype, for_weights, resolve, row_blocks,
+                       status)
 
 __all__ = [
     "BACKENDS",
@@ -45,99 +46,26 @@ __all__ = [
     "delta_gram",
 ]
 
-BACKENDS = ("torch", "cpu", "triton")
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
-
-
-# ---------------------------------------------------------------- dispatch
-
-_MODULES = {
-    "torch": "pyrank._torch_backend",
-    "cpu": "pyrank._cpu_backend",
-    "triton": "pyrank._triton_backend",
-}
-_loaded: dict = {}
-
-
-def _load(name: str):
-    """Import a backend module; raise BackendUnavailable with the reason if it can't run."""
-    if name not in _loaded:
-        try:
-            mod = importlib.import_module(_MODULES[name])
-            reason = mod.unavailable_reason() if hasattr(mod, "unavailable_reason") else None
-        except ImportError as exc:  # an optional dependency is missing
-            mod, reason = None, f"import failed: {exc}"
-        _loaded[name] = (mod, reason)
-    mod, reason = _loaded[name]
-    if reason is not None:
-        raise BackendUnavailable(f"pyrank backend {name!r} is unavailable: {reason}")
-    return mod
+def resolve_backend(backend: str, device: torch.device):
+    """(name, backend module) for ``backend`` ("auto" or a name) on ``device``."""
+    return resolve(backend, device)
 
 
 def backend_status() -> dict:
     """``{name: None if usable else reason}`` for every backend (what ``pyrank env`` prints)."""
-    out = {}
-    for name in BACKENDS:
-        try:
-            _load(name)
-            out[name] = None
-        except BackendUnavailable as exc:
-            out[name] = str(exc).split(": ", 1)[1]
-    return out
+    return status()
 
 
-def _available(name: str) -> bool:
-    try:
-        _load(name)
-        return True
-    except BackendUnavailable:
-        return False
-
-
-def resolve_backend(backend: str, device: torch.device) -> Tuple[str, object]:
-    """Map ``backend`` ("auto" or a name) and a device to (name, backend module)."""
-    if backend == "auto":
-        backend = os.environ.get("PYRANK_BACKEND", "auto") or "auto"
-    if backend == "auto":
-        if device.type == "cuda" and _available("triton"):
-            backend = "triton"
-        elif device.type == "cpu" and _available("cpu"):
-            backend = "cpu"
-        else:
-            backend = "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
-    mod = _load(backend)
-    if hasattr(mod, "supports_device") and not mod.supports_device(device):
-        raise BackendUnavailable(
-            f"pyrank backend {backend!r} cannot run on {device.type} tensors: {mod.device_hint()}"
-        )
-    return backend, mod
-
-
-# ---------------------------------------------------------------- row blocks
-
-ROW_BLOCK_ELEMS = 1 << 22  # 4 Mi elements = 16 MiB of fp32 per block of rows
-
-
-def row_blocks(m: int, n: int):
-    """(start, stop) ranges of rows of an m×n matrix, ~ROW_BLOCK_ELEMS elements each: the
-    chunking of every computation that forms A − B (or a reconstruction) a block at a time."""
-    rows = max(1, ROW_BLOCK_ELEMS // max(n, 1))
-    for i in range(0, m, rows):
-        yield i, min(m, i + rows)
+def _backend(backend: str, A: Tensor):
+    """The module that computes on weights like A: the chosen backend, or the reference for
+    float64 weights (:func:`pyrank.backends.for_weights`)."""
+    return for_weights(resolve(backend, A.device)[1], A.dtype)
 
 
 # ---------------------------------------------------------------- validation
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 weights are computed in float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_weights(A: Tensor, B: Optional[Tensor], names=("A", "B")) -> None:
@@ -191,8 +119,7 @@ def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, sqnorm: bool = False,
     with ``sqnorm=True``, also ‖A − B‖_F² from the same read: ``(product, sqnorm)``."""
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
-    _, be = resolve_backend(backend, A.device)
-    ox, _, sq = be.products(A, B, X, None, compute_dtype(A.dtype), sqnorm)
+    ox, _, sq = _backend(backend, A).delta_products(A, B, X, None, compute_dtype(A.dtype), sqnorm)
     return (ox, sq) if sqnorm else ox
 
 
@@ -201,8 +128,7 @@ def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, sqnorm: bool = Fals
     with ``sqnorm=True``)."""
     check_weights(A, B)
     Y = _factor(Y, "Y", A.shape[0], A)
-    _, be = resolve_backend(backend, A.device)
-    _, oy, sq = be.products(A, B, None, Y, compute_dtype(A.dtype), sqnorm)
+    _, oy, sq = _backend(backend, A).delta_products(A, B, None, Y, compute_dtype(A.dtype), sqnorm)
     return (oy, sq) if sqnorm else oy
 
 
@@ -213,16 +139,14 @@ def delta_mm_both(A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, sqnor
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
     Y = _factor(Y, "Y", A.shape[0], A)
-    _, be = resolve_backend(backend, A.device)
-    ox, oy, sq = be.products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
+    ox, oy, sq = _backend(backend, A).delta_products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
     return (ox, oy, sq) if sqnorm else (ox, oy)
 
 
 def delta_sqnorm(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """‖A − B‖_F² as a 0-d tensor in the compute dtype (sums in float64)."""
     check_weights(A, B)
-    _, be = resolve_backend(backend, A.device)
-    return be.products(A, B, None, None, compute_dtype(A.dtype), True)[2]
+    return _backend(backend, A).delta_products(A, B, None, None, compute_dtype(A.dtype), True)[2]
 
 
 def merge_lowrank(
@@ -255,8 +179,7 @@ def merge_lowrank(
         same_memory = out.data_ptr() == W.data_ptr() and out.stride() == W.stride()
         if not same_memory and _overlaps(out, W):
             raise ValueError("out overlaps W without being W itself; pass out=W for in place")
-    _, be = resolve_backend(backend, W.device)
-    return be.merge_lowrank(W, U, S, V, float(alpha), out, compute_dtype(W.dtype))
+    return _backend(backend, W).merge_lowrank(W, U, S, V, float(alpha), out, compute_dtype(W.dtype))
 
 
 def delta_gram(As, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -273,8 +196,7 @@ def delta_gram(As, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tens
     check_weights(ref, None, names=(ref_name, None))
     for i, A in enumerate(As):
         check_weights(ref, A, names=(ref_name, f"As[{i}]"))
-    _, be = resolve_backend(backend, As[0].device)
-    G = be.delta_gram(As, B, compute_dtype(As[0].dtype))
+    G = _backend(backend, As[0]).delta_gram(As, B, compute_dtype(As[0].dtype))
     # Symmetric by construction: the upper triangle, mirrored. A backend's two triangles
     # may differ in the last bit (D·Dᵀ's two halves are summed in different orders by
     # some BLAS builds), and callers (eigh, tests) rely on exact symmetry.

@@ -47,7 +47,7 @@ def main(arch: int):
             if full and i == 0:
                 modes += [(True, False, 128), (False, True, 128)]
             for has_x, has_y, k in modes:
-                consts = dict(HAS_B=True, HAS_X=has_x, HAS_Y=has_y, HAS_SQ=True, KX=k, KY=k, **cfg)
+                consts = dict(HAS_B=True, HAS_X=has_x, HAS_Y=has_y, SQNORM=True, KX=k, KY=k, **cfg)
                 compile_one(delta._delta_products_kernel, sig, consts, target, warps)
                 n += 1
         sig = dict(p_rows="*i64", p_cols="*i64", p_b=p, p_part="*fp32", N="i32", TR="i32", TC="i32")

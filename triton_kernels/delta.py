@@ -42,7 +42,7 @@ def _delta_products_kernel(
     p_a, p_b, p_x, p_y, p_px, p_py, p_sq,
     m, n, kx, ky, PM, PN,
     s_am, s_an, s_bm, s_bn, s_xn, s_xk, s_ym, s_yk,
-    HAS_B: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, HAS_SQ: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, SQNORM: tl.constexpr,
     KX: tl.constexpr, KY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     pm = tl.program_id(0)
@@ -55,7 +55,7 @@ def _delta_products_kernel(
     c_hi = tl.minimum(n, c_lo + cols_per)
     o_kx = tl.arange(0, KX)
     o_ky = tl.arange(0, KY)
-    if HAS_SQ:
+    if SQNORM:
         b_sq = tl.zeros((BM,), dtype=tl.float32)
     for i0 in range(r_lo, r_hi, BM):
         o_m = i0 + tl.arange(0, BM)
@@ -72,7 +72,7 @@ def _delta_products_kernel(
             b_d = tl.load(p_a + o_m[:, None] * s_am + o_n[None, :] * s_an, mask=mask, other=0.0).to(tl.float32)
             if HAS_B:
                 b_d -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SQ:
+            if SQNORM:
                 b_sq += tl.sum(b_d * b_d, axis=1)
             if HAS_X:
                 b_x = tl.load(p_x + o_n[:, None] * s_xn + o_kx[None, :] * s_xk,
@@ -85,7 +85,7 @@ def _delta_products_kernel(
                 tl.store(p_out, part, mask=mask_n[:, None])
         if HAS_X:
             tl.store(p_px + pn * m * KX + o_m[:, None] * KX + o_kx[None, :], b_ax, mask=mask_m[:, None])
-    if HAS_SQ:
+    if SQNORM:
         tl.store(p_sq + pm * PN + pn, tl.sum(b_sq, axis=0))
 
 
@@ -113,7 +113,7 @@ def _grid_split(m: int, n: int, has_x: bool, has_y: bool, device: torch.device):
     return pm, pn
 
 
-def _launch(A, B, X, Y, want_sq):
+def _delta_products_launch(A, B, X, Y, sqnorm):
     m, n = A.shape
     dev = A.device
     has_x, has_y = X is not None, Y is not None
@@ -124,7 +124,7 @@ def _launch(A, B, X, Y, want_sq):
     PM, PN = _grid_split(m, n, has_x, has_y, dev)
     part_x = torch.empty(PN, m, KX, dtype=torch.float32, device=dev) if has_x else None
     part_y = torch.zeros(PM, n, KY, dtype=torch.float32, device=dev) if has_y else None
-    part_sq = torch.zeros(PM * PN, dtype=torch.float32, device=dev) if want_sq else None
+    part_sq = torch.zeros(PM * PN, dtype=torch.float32, device=dev) if sqnorm else None
     dummy = A  # any valid pointer for operands the constexpr flags switch off
     Bp = B if B is not None else dummy
     Xp = X if has_x else dummy
@@ -132,18 +132,18 @@ def _launch(A, B, X, Y, want_sq):
     meta = dict(_INTERPRET_META) if INTERPRET else {}
     _delta_products_kernel[(PM, PN)](
         A, Bp, Xp, Yp, part_x if has_x else dummy, part_y if has_y else dummy,
-        part_sq if want_sq else dummy, m, n, kx, ky, PM, PN,
+        part_sq if sqnorm else dummy, m, n, kx, ky, PM, PN,
         A.stride(0), A.stride(1), Bp.stride(0), Bp.stride(1),
         Xp.stride(0), Xp.stride(1), Yp.stride(0), Yp.stride(1),
-        HAS_B=B is not None, HAS_X=has_x, HAS_Y=has_y, HAS_SQ=bool(want_sq), KX=KX, KY=KY, **meta,
+        HAS_B=B is not None, HAS_X=has_x, HAS_Y=has_y, SQNORM=bool(sqnorm), KX=KX, KY=KY, **meta,
     )
     out_x = part_x.sum(0)[:, :kx] if has_x else None
     out_y = part_y.sum(0)[:, :ky] if has_y else None
-    sq = part_sq.double().sum().float() if want_sq else None
+    sq = part_sq.double().sum().float() if sqnorm else None
     return out_x, out_y, sq
 
 
-def delta_products(A: torch.Tensor, B, X, Y, want_sq: bool = False):
+def delta_products(A: torch.Tensor, B, X, Y, sqnorm: bool = False):
     """((A − B)·X, (A − B)ᵀ·Y, ‖A − B‖_F²) in one read of A and B; X, Y may be None and the
     norm is computed only when asked (else None).
 
@@ -155,13 +155,13 @@ def delta_products(A: torch.Tensor, B, X, Y, want_sq: bool = False):
     kx = X.shape[1] if X is not None else 0
     ky = Y.shape[1] if Y is not None else 0
     if max(kx, ky) <= MAX_K:
-        out_x, out_y, sq = _launch(A, B, X, Y, want_sq)
+        out_x, out_y, sq = _delta_products_launch(A, B, X, Y, sqnorm)
     else:
         xs, ys, sq = [], [], None
         for c in range(0, max(kx, ky), MAX_K):
             xc = X[:, c:c + MAX_K] if X is not None and c < kx else None
             yc = Y[:, c:c + MAX_K] if Y is not None and c < ky else None
-            ox, oy, s = _launch(A, B, xc, yc, want_sq and c == 0)
+            ox, oy, s = _delta_products_launch(A, B, xc, yc, sqnorm and c == 0)
             sq = s if c == 0 else sq
             if ox is not None:
                 xs.append(ox)

@@ -1,19 +1,15 @@
-"""The torch reference backend: plain PyTorch, any device.
+"""The reference backend (public name ``"torch"``): plain PyTorch, any device.
 
-It is the oracle every other backend is tested against, and the fallback when no
-native backend is available. It still honours pyrank's memory promise: A − B is
-formed one block of rows at a time (``ops.row_blocks``, ~4 Mi elements), never as a
-whole m×n temporary.
-
-Every function receives tensors already validated by :mod:`pyrank.ops`: A and B
-(B may be None) are 2-D with the same shape, dtype and device; X, Y, U, S, V are
-in the compute dtype (float32, or float64 for float64 weights) on that device.
+It is the oracle every other backend is tested against, the fallback when no native
+backend is available, and what computes float64 weights everywhere. It still honours
+pyrank's memory promise: A − B is formed one block of rows at a time (``row_blocks``,
+~4 Mi elements), never as a whole m×n temporary. The contract: :mod:`pyrank.backends`.
 """
 from __future__ import annotations
 
 import torch
 
-from .ops import row_blocks as _row_blocks
+from . import row_blocks as _row_blocks
 
 
 def _delta(A, B, i, j, cdtype):
@@ -23,21 +19,21 @@ def _delta(A, B, i, j, cdtype):
     return d
 
 
-def products(A, B, X, Y, cdtype, want_sq):
+def delta_products(A, B, X, Y, cdtype, sqnorm):
     """(A − B)·X, (A − B)ᵀ·Y and ‖A − B‖_F² from one pass over row blocks (each optional)."""
     m, n = A.shape
     out_x = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device) if X is not None else None
     out_y = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device) if Y is not None else None
-    sq = torch.zeros((), dtype=torch.float64, device=A.device) if want_sq else None
+    sq = torch.zeros((), dtype=torch.float64, device=A.device) if sqnorm else None
     for i, j in _row_blocks(m, n):
         d = _delta(A, B, i, j, cdtype)  # one read of this block serves every output
         if X is not None:
             torch.mm(d, X, out=out_x[i:j])
         if Y is not None:
             out_y.addmm_(d.t(), Y[i:j])
-        if want_sq:
+        if sqnorm:
             sq += torch.sum(d * d, dtype=torch.float64)
-    return out_x, out_y, (sq.to(cdtype) if want_sq else None)
+    return out_x, out_y, (sq.to(cdtype) if sqnorm else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

@@ -1,8 +1,9 @@
-"""The Triton backend: pyrank.triton_kernels on CUDA tensors.
+"""The Triton backend: pyrank.triton_kernels (built from triton_kernels/) on CUDA tensors.
 
 CPU tensors are accepted only under TRITON_INTERPRET=1 (the test suite's way of running
-the kernels without a GPU). float64 weights, and merges of rank above the kernel's limit,
-are computed by the torch reference on the same device.
+the kernels without a GPU). Merges of rank above the kernel's limit are computed by the
+reference on the same device. The contract: :mod:`pyrank.backends` (float64 weights never
+come here).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from . import _torch_backend
+from . import reference
 
 try:
     import triton  # noqa: F401
@@ -41,25 +42,21 @@ def device_hint():
 
 
 def _k():
-    from .triton_kernels import delta, merge  # imports triton: only once the backend is used
+    from ..triton_kernels import delta, merge  # imports triton: only once the backend is used
 
     return delta, merge
 
 
-def products(A, B, X, Y, cdtype, want_sq):
-    if A.dtype == torch.float64:
-        return _torch_backend.products(A, B, X, Y, cdtype, want_sq)
-    return _k()[0].delta_products(A, B, X, Y, want_sq)
+def delta_products(A, B, X, Y, cdtype, sqnorm):
+    return _k()[0].delta_products(A, B, X, Y, sqnorm)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
     _, merge = _k()
-    if W.dtype == torch.float64 or U.shape[1] > merge.MAX_K:
-        return _torch_backend.merge_lowrank(W, U, S, V, alpha, out, cdtype)
+    if U.shape[1] > merge.MAX_K:
+        return reference.merge_lowrank(W, U, S, V, alpha, out, cdtype)
     return merge.merge_lowrank(W, U * (alpha * S), V, out)
 
 
 def delta_gram(As, B, cdtype):
-    if As[0].dtype == torch.float64:
-        return _torch_backend.delta_gram(As, B, cdtype)
     return _k()[0].delta_gram(As, B)

@@ -1,20 +1,18 @@
-"""The C++ CPU backend: pyrank._C, called with pointers, shapes and strides.
+"""The C++ CPU backend: pyrank._C (built from csrc/), called with pointers, shapes and strides.
 
-Tensors arrive validated by :mod:`pyrank.ops`. This module only arranges layouts:
+Tensors arrive validated by :mod:`pyrank.ops` (the contract: :mod:`pyrank.backends`;
+float64 weights never come here). This module only arranges layouts:
 the kernels stream rows, so a pair whose rows are contiguous runs as is; a pair of
 column-major tensors (e.g. ``W.T`` views) runs as the transposed problem on row-major
 views — ΔX = (Δᵀ)ᵀX and ΔᵀY = (Δᵀ)Y swap roles — and anything else is gathered
-element by element (correct, slower). float64 weights are computed by the torch
-reference in float64. Threads follow ``torch.get_num_threads()``.
+element by element (correct, slower). Threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _torch_backend
-
 try:
-    from . import _C
+    from .. import _C
 except ImportError as exc:  # built with PYRANK_SKIP_CPP=1, or no compiler at install time
     _C = None
     _IMPORT_ERROR = str(exc)
@@ -56,12 +54,10 @@ def _mat(T):
     return T.data_ptr(), T.stride(0), T.stride(1)
 
 
-def products(A, B, X, Y, cdtype, want_sq):
+def delta_products(A, B, X, Y, cdtype, sqnorm):
     """(ΔX or None, ΔᵀY or None, ‖Δ‖_F² or None) for fp32 X (n×kx), Y (m×ky): one read."""
-    if A.dtype == torch.float64:
-        return _torch_backend.products(A, B, X, Y, cdtype, want_sq)
     if _transposed(A, B):  # ΔX = (Δᵀ)ᵀX, ΔᵀY = (Δᵀ)Y, ‖Δ‖ = ‖Δᵀ‖
-        Q, P, sq = products(A.t(), None if B is None else B.t(), Y, X, cdtype, want_sq)
+        Q, P, sq = delta_products(A.t(), None if B is None else B.t(), Y, X, cdtype, sqnorm)
         return P, Q, sq
     m, n = A.shape
     kx = 0 if X is None else X.shape[1]
@@ -71,22 +67,20 @@ def products(A, B, X, Y, cdtype, want_sq):
     if m == 0 or n == 0:  # nothing to read: every output is zero
         return (None if out_x is None else out_x.zero_(),
                 None if out_yT is None else out_yT.zero_().t().contiguous(),
-                torch.zeros((), dtype=cdtype) if want_sq else None)
+                torch.zeros((), dtype=cdtype) if sqnorm else None)
     XT = X.t().contiguous() if X is not None else None
     Yc = Y.contiguous() if Y is not None else None
-    sq = _C.delta_mm_both(
+    sq = _C.delta_products(
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
         0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
         0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
-        bool(want_sq), torch.get_num_threads(),
+        bool(sqnorm), torch.get_num_threads(),
     )
     return (out_x, None if out_yT is None else out_yT.t().contiguous(),
-            torch.tensor(sq, dtype=cdtype) if want_sq else None)
+            torch.tensor(sq, dtype=cdtype) if sqnorm else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
-    if W.dtype == torch.float64:
-        return _torch_backend.merge_lowrank(W, U, S, V, alpha, out, cdtype)
     Wk, ok, left, right = W, out, U * (alpha * S), V
     if _transposed(W, None) and _transposed(out, None):
         # (W + L Rᵀ)ᵀ = Wᵀ + R Lᵀ: write the transposed problem row by row
@@ -102,8 +96,6 @@ def merge_lowrank(W, U, S, V, alpha, out, cdtype):
 
 
 def delta_gram(As, B, cdtype):
-    if As[0].dtype == torch.float64:
-        return _torch_backend.delta_gram(As, B, cdtype)
     m, n = As[0].shape
     G = torch.zeros(len(As), len(As), dtype=torch.float64)
     if m and n:
