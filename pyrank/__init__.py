@@ -8,7 +8,8 @@ weights; a randomized, warm-startable top-k SVD runs on them.
     nxt = pyrank.svd_lowrank(W_t2, k=1, base=W_0, init=res)  # warm start
 """
 from . import adapters, analysis, ops  # (neither imports peft or transformers)
-from .extrapolate import Prediction, rank_k_reconstruction, temporal_extrapolate
+from .extrapolate import Prediction, rank_k_reconstruction
+from .temporal import temporal_extrapolate
 from .linalg import LowRankSVD, default_oversample, svd_lowrank, torch_svd_lowrank
 from .ops import BackendUnavailable
 from .track import Rank1Tracker

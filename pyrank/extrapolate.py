@@ -1,25 +1,19 @@
-"""Fits and predictions on rank-1 trajectories (docs/METHODS.md §1–2).
+"""Predicted low-rank updates and the rank-k dominance model (docs/METHODS.md §1).
 
-* :func:`r2_in_step` — is û(t) = σ₁(t)·u₁(t) linear in the step? (least squares, all
-  coordinates, in-sample R²)
-* :class:`PLS1` — AlphaRL's regression of a metric on û(t): standardize each column of
-  X (T×m), one-component PLS to y, ordinary least squares y = a·z + b on the PLS score;
-  and its inversion at a target metric, back to a vector û*.
-* :class:`Prediction` — predicted low-rank updates per module, small enough to save,
-  applied to weights tensor by tensor with the fused ``merge_lowrank``.
-* :func:`rank_k_reconstruction` — the rank-k dominance model W₀ + λ·α·U_k S_k V_kᵀ.
-* :func:`temporal_extrapolate` — RELEX's temporal rank-1 mode on the Gram matrix of the
-  deltas (``ops.delta_gram``).
+* :class:`Prediction` — predicted low-rank updates per module (:class:`Factors`), small
+  enough to save, applied to weights tensor by tensor with the fused ``merge_lowrank``;
+* :class:`Overlay` — a lazy mapping that computes some tensors and passes the rest through;
+* :func:`rank_k_reconstruction` — W₀ + λ·α·U_k S_k V_kᵀ.
 
-All fits run in float64 on the CPU: they are small (T × m) and precision is cheap there.
+The fits behind a prediction are in :mod:`pyrank.fits`, RELEX's temporal mode in
+:mod:`pyrank.temporal`.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -27,86 +21,7 @@ from torch import Tensor
 from . import ops
 from .linalg import svd_lowrank
 
-__all__ = [
-    "r2_in_step", "line_fit", "PLS1", "Factors", "Prediction", "Overlay", "rank_k_reconstruction",
-    "temporal_extrapolate",
-]
-
-
-def _r2(y: Tensor, fit: Tensor) -> float:
-    ss_tot = float(((y - y.mean(0)) ** 2).sum())
-    ss_res = float(((y - fit) ** 2).sum())
-    if ss_tot == 0.0:  # nothing varies: there is nothing to explain (e.g. a frozen module)
-        return float("nan")
-    return 1.0 - ss_res / ss_tot
-
-
-def line_fit(steps: Sequence[float], X: Tensor):
-    """Least-squares line X(t) ≈ a + b·t per column. Returns (a, b), float64."""
-    t = torch.as_tensor(list(steps), dtype=torch.float64)
-    X = X.double().cpu()
-    tc = t - t.mean()
-    denom = float((tc * tc).sum())
-    if denom == 0.0:
-        raise ValueError("a line in the step needs at least two distinct steps")
-    b = (tc[:, None] * (X - X.mean(0))).sum(0) / denom
-    a = X.mean(0) - b * t.mean()
-    return a, b
-
-
-def r2_in_step(steps: Sequence[float], X: Tensor) -> float:
-    """In-sample R² of the least-squares line of every column of X (T×m) in the step.
-    NaN with fewer than 3 checkpoints (two points always fit a line)."""
-    if len(steps) < 3:
-        return float("nan")
-    a, b = line_fit(steps, X)
-    t = torch.as_tensor(list(steps), dtype=torch.float64)
-    return _r2(X.double().cpu(), a + t[:, None] * b)
-
-
-class PLS1:
-    """AlphaRL's one-component PLS of a metric y (T) on trajectories X (T×m).
-
-    Each column of X is standardized (mean, sample std; constant columns contribute
-    nothing), y too; the PLS weight is w ∝ Xsᵀ·ys, the score z = Xs·w, and the fit is
-    the ordinary least squares y = a·z + b. This is what sklearn's
-    ``PLSRegression(n_components=1)`` computes, followed by the paper's OLS on the score.
-    """
-
-    def __init__(self, X: Tensor, y: Sequence[float]):
-        X = X.double().cpu()
-        y = torch.as_tensor(list(y), dtype=torch.float64)
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"{X.shape[0]} trajectories but {y.shape[0]} metric values")
-        if X.shape[0] < 3:
-            raise ValueError("the PLS fit needs at least 3 checkpoints")
-        self.y = y
-        self.x_mean = X.mean(0)
-        self.x_std = X.std(0)
-        self.x_std[self.x_std == 0] = 1.0
-        Xs = (X - self.x_mean) / self.x_std
-        ys = y - y.mean()
-        w = Xs.T @ ys
-        nw = float(w.norm())
-        if nw == 0.0:
-            raise ValueError("the metric is constant or uncorrelated with every coordinate")
-        self.w = w / nw
-        z = Xs @ self.w
-        self.x_loadings = Xs.T @ z / float(z @ z)
-        zc = z - z.mean()
-        self.a = float(zc @ (y - y.mean())) / float(zc @ zc)
-        self.b = float(y.mean()) - self.a * float(z.mean())
-        self.r2 = _r2(y, self.a * z + self.b)
-
-    def invert(self, y_target: float) -> Tensor:
-        """The vector û* whose PLS score predicts ``y_target`` (inverse transform)."""
-        if self.a == 0.0:
-            raise ValueError("the PLS fit has zero slope: no score reaches a target metric")
-        z = (float(y_target) - self.b) / self.a
-        return z * self.x_loadings * self.x_std + self.x_mean
-
-
-# ------------------------------------------------------------------ predictions
+__all__ = ["Factors", "Prediction", "Overlay", "rank_k_reconstruction"]
 
 
 @dataclass
@@ -226,63 +141,3 @@ def rank_k_reconstruction(W0: Tensor, Wt: Tensor, k: int = 1, scale: float = 1.0
         sk = float(res.S.double().norm())
         alpha = res.fro / sk if sk > 0 else 0.0
     return ops.merge_lowrank(W0, res.U, res.S, res.V, scale * alpha, backend=backend)
-
-
-# ------------------------------------------------------------------ temporal (RELEX)
-
-
-def temporal_extrapolate(base: Mapping, checkpoints: Sequence[Mapping], steps: Sequence[float],
-                         to_step: float, *, names: Optional[Sequence[str]] = None,
-                         backend: str = "auto") -> "Mapping[str, Tensor]":
-    """RELEX's temporal rank-1 extrapolation (docs/METHODS.md §2), tensor by tensor.
-
-    Per tensor, the deltas ΔW_t = W_t − W₀ are rows of a T × (m·n) matrix whose top
-    singular triplet comes from the T × T Gram matrix G_ij = ⟨ΔW_i, ΔW_j⟩ (``ops.delta_gram``,
-    one read of every checkpoint): ΔW_t ≈ c(t)·D. c(t) is extrapolated by a least-squares
-    line to ``to_step`` and the prediction is W₀ + c(T)·D = W₀ + Σ_t β_t·ΔW_t, computed in
-    fp32 and rounded once. ``names`` (default: every 2-D floating tensor in ``base``)
-    selects the tensors; the others are passed through from ``base``.
-
-    Returns a lazy mapping: each tensor is computed when accessed.
-    """
-    if len(checkpoints) != len(steps):
-        raise ValueError(f"{len(checkpoints)} checkpoints but {len(steps)} steps")
-    if len(steps) < 2:
-        raise ValueError("temporal extrapolation needs at least 2 checkpoints")
-    if names is None:
-        names = [n for n in base if base[n].dim() == 2 and base[n].is_floating_point()]
-    cks, fsteps = list(checkpoints), [float(s) for s in steps]
-    return Overlay(base, names, lambda n: _temporal_one(n, base, cks, fsteps, float(to_step), backend))
-
-
-def temporal_coefficients(G: Tensor, steps: Sequence[float], to_step: float) -> Tensor:
-    """β_t such that Σ_t β_t·ΔW_t = c(T)·D for the Gram matrix G of the deltas."""
-    G = G.double().cpu()
-    evals, evecs = torch.linalg.eigh((G + G.T) / 2)
-    lam, e = float(evals[-1]), evecs[:, -1]
-    if lam <= 0:
-        return torch.zeros(len(steps), dtype=torch.float64)
-    if float(e.sum()) < 0:  # sign: the direction the deltas grow along
-        e = -e
-    s1 = math.sqrt(lam)
-    c = s1 * e  # ΔW_t ≈ c(t)·D with D = Σ_t e_t ΔW_t / s1 (unit Frobenius norm)
-    a, b = line_fit(steps, c[:, None])
-    c_target = float(a[0] + b[0] * to_step)
-    return c_target * e / s1
-
-
-def _temporal_one(name, base, cks, steps, to_step, backend):
-    """W₀ + Σ_t β_t·ΔW_t for one tensor (fp32 math, one rounding)."""
-    W0 = base[name]
-    Ws = [ck[name] for ck in cks]
-    for s, W in zip(steps, Ws):
-        if W.shape != W0.shape or W.dtype != W0.dtype:
-            raise ValueError(f"{name} at step {s:g}: shape {tuple(W.shape)} {W.dtype}, base "
-                             f"has {tuple(W0.shape)} {W0.dtype}")
-    G = ops.delta_gram(Ws, W0, backend=backend)
-    beta = temporal_coefficients(G, steps, to_step)
-    cd = ops.compute_dtype(W0.dtype)
-    out = W0.to(cd, copy=True)
-    for bt, W in zip(beta.tolist(), Ws):
-        out.add_(W.to(cd) - W0.to(cd), alpha=bt)
-    return out.to(W0.dtype)

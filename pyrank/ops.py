@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import (BACKENDS, BackendUnavailable, _loaded, compute_dtype, for_weights, resolve, row_blocks,
-                       status)
+from .backends import (BACKENDS, BackendUnavailable, compute_dtype, for_weights, resolve, status)
+from .backends import _loaded, row_blocks  # noqa: F401  (re-exported: the tools' row blocks, tests' stubs)
 
 __all__ = [
     "BACKENDS",

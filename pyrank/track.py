@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .extrapolate import PLS1, Factors, Prediction, line_fit, r2_in_step
+from .extrapolate import Factors, Prediction
+from .fits import PLS1, line_fit, r2_in_step
 from .io.readers import read_json
 from .io.writers import atomic_dir, write_json
 from .linalg import svd_lowrank

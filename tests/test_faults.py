@@ -15,12 +15,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pyrank.io import PyrankIOError, open_weights
 from pyrank.io.writers import atomic_dir
 
-from test_io_cli import _fails, cli, llama_state, write_model
+from test_io_cli import _fails, llama_state, write_model
 
 ENV = dict(os.environ, PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
 
@@ -367,4 +366,4 @@ def test_api_errors_are_clear():
         pyrank.svd_lowrank(torch.eye(4).to_sparse())
     with pytest.raises(ValueError, match="meta device"):
         pyrank.svd_lowrank(torch.empty(4, 4, device="meta"))
-    assert math.isnan(pyrank.extrapolate.r2_in_step([1, 2, 3], torch.zeros(3, 4)))
+    assert math.isnan(pyrank.fits.r2_in_step([1, 2, 3], torch.zeros(3, 4)))

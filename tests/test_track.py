@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import pyrank
-from pyrank.extrapolate import PLS1, r2_in_step, temporal_coefficients
+from pyrank.fits import PLS1, r2_in_step
+from pyrank.temporal import temporal_coefficients
 from pyrank.testing import random_orthonormal
 
 from helpers import exact_delta, merge_within_bound
@@ -306,7 +307,7 @@ def test_r2_metric_the_official_way():
     """AlphaRL's reference pipeline (StandardScaler, PLSRegression(n_components=1, scale=False),
     LinearRegression on the score, r2_score) on the unit, sign-aligned u₁(t) — here a direction
     that turns with training while σ₁ stays put, so only u₁ carries the metric — and on û(t)."""
-    sk = pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")
     from sklearn.cross_decomposition import PLSRegression
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import r2_score

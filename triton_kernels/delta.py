@@ -1,6 +1,9 @@
-"""(A − B)·X and (A − B)ᵀ·Y in one read of A and B, as Triton kernels.
+"""(A − B)·X, (A − B)ᵀ·Y and ‖A − B‖_F² in one read of A and B, and the Gram matrix of
+deltas, as Triton kernels.
 
-Layout of this file: configs → kernel → host launcher → public functions.
+Layout of this file: the products (configs → ``_delta_products_kernel`` → grid and host
+launcher → ``delta_products``), then the Gram matrix (``_pair_dot_kernel`` for any layout,
+the autotuned ``_gram_kernel`` for contiguous weights → ``delta_gram``).
 
 One kernel serves all three products. The grid is a PM × PN array of programs; program
 (pm, pn) owns a range of rows and a range of columns of A and walks it in BM × BN tiles.

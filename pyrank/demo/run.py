@@ -104,7 +104,8 @@ def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False
 
 def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     from .. import pipeline
-    from ..extrapolate import Overlay, rank_k_reconstruction, temporal_extrapolate
+    from ..extrapolate import Overlay, rank_k_reconstruction
+    from ..temporal import temporal_extrapolate
     from ..io import find_checkpoints, open_weights
     from ..report import jsonable, print_diagnostics, print_summary
 
