@@ -457,13 +457,14 @@ class Analysis:
     tracker: object
 
 
-def analyze_run(series: Series, options: AnalyzeOptions = AnalyzeOptions(), *, out: Optional[str] = None,
+def analyze_run(series: Series, options: Optional[AnalyzeOptions] = None, *, out: Optional[str] = None,
                 world=None) -> Optional[Analysis]:
     """Track the top-k triplets of every module over the series; with ``options.diagnostics``
     the spectral and sparsity diagnostics of docs/METHODS.md §3 too. ``out``: the output it
     will be written to, which names the directory where each finished checkpoint is kept
     until the analysis completes (so an interrupted one can be resumed with
     ``resume=RESUME_INTERRUPTED``). Returns the analysis on rank 0, None on other ranks."""
+    options = options or AnalyzeOptions()
     options.check()
     world = world or _single()
     partial = partial_dir(out) if out is not None else None
@@ -717,7 +718,7 @@ class ReconstructOptions:
             raise PipelineError(f"rest must be 'base' or 'checkpoint', got {self.rest!r}")
 
 
-def reconstruct_run(base: str, checkpoint: str, out: str, options: ReconstructOptions = ReconstructOptions(), *,
+def reconstruct_run(base: str, checkpoint: str, out: str, options: Optional[ReconstructOptions] = None, *,
                     include: Sequence[str] = (), exclude: Sequence[str] = (), device: str = "auto",
                     force: bool = False) -> List[str]:
     """Write W₀ + λ·α·U_k S_k V_kᵀ for every module of ``checkpoint`` as a loadable HF
@@ -726,6 +727,7 @@ def reconstruct_run(base: str, checkpoint: str, out: str, options: ReconstructOp
     from .io import write_hf_dir
     from .io.writers import check_output
 
+    options = options or ReconstructOptions()
     options.check()
     dev = resolve_device(device)
     base_w, ck = _open(base, dev), _open(checkpoint, dev)
