@@ -62,7 +62,7 @@ def pissa_init(W: Tensor, r: int, lora_alpha: float, *, tol: float = PISSA_TOL,
     """PiSSA: (A, B, W_res) from the top-r singular triplets of W, to residuals ≤ ``tol``·σ₁
     (default ``PISSA_TOL``; pass e.g. 1e-6 for triplets accurate to float32)."""
     _check(W, r, lora_alpha)
-    return _pissa(W, r, lora_alpha / r, tol, backend)
+    return _factors(W, *_triplets(W, r, "pissa", tol, backend), lora_alpha / r, backend)
 
 
 def smallest_triplets(W: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -93,18 +93,17 @@ def smallest_triplets(W: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
 def milora_init(W: Tensor, r: int, lora_alpha: float, *, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     """MiLoRA: (A, B, W_res) from the r smallest singular triplets of W (exact, float64)."""
     _check(W, r, lora_alpha)
-    return _milora(W, r, lora_alpha / r, backend)
+    return _factors(W, *_triplets(W, r, "milora", None, backend), lora_alpha / r, backend)
 
 
-def _milora(W, r, s, backend):
-    U, S, V = smallest_triplets(W, r)
+def _triplets(W, r, method, tol, backend):
+    """(U, S, V) in W's compute dtype: the top r (PiSSA, pyrank's SVD to ``tol``) or the
+    bottom r (MiLoRA, exact)."""
+    if method == "pissa":
+        res = svd_lowrank(W, r, tol=tol, backend=backend)
+        return res.U, res.S, res.V
     cd = ops.compute_dtype(W.dtype)
-    return _factors(W, U.to(cd), S.to(cd), V.to(cd), s, backend)
-
-
-def _pissa(W, r, s, tol, backend):
-    res = svd_lowrank(W, r, tol=tol, backend=backend)
-    return _factors(W, res.U, res.S, res.V, s, backend)
+    return tuple(t.to(cd) for t in smallest_triplets(W, r))
 
 
 def init_peft_model(model, method: str = "pissa", *, adapter_name: Optional[str] = None,
@@ -166,11 +165,7 @@ def init_peft_model(model, method: str = "pissa", *, adapter_name: Optional[str]
                 W = W_param.data.T if fan_in_fan_out else W_param.data
                 try:
                     _check(W, r, s)
-                    if method == "pissa":
-                        res = svd_lowrank(W, r, tol=tol, backend=backend)
-                        U, S, V = res.U, res.S, res.V
-                    else:
-                        U, S, V = (t.to(ops.compute_dtype(W.dtype)) for t in smallest_triplets(W, r))
+                    U, S, V = _triplets(W, r, method, tol, backend)
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
             plan.append((name, layer, adapter, W, r, s, U, S, V))

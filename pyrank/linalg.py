@@ -601,8 +601,11 @@ def _fused_svd_lowrank(A: Tensor, q: Optional[int], niter: Optional[int], M: Opt
     cdtype = ops.compute_dtype(A.dtype)
     tall = m >= n  # torch works on the tall orientation: A, or Aᴴ when m < n
     k = min(q, m, n)
-    # torch draws R = randn(columns of the tall operator, q) once, in A's (floating) dtype
+    # torch draws R = randn(columns of the tall operator, q) once, in A's dtype; the compute
+    # dtype here (the same for float32/float64 A; float32, torch's dtype for the upcast, for bf16/fp16)
     R = torch.randn(min(m, n), q, dtype=cdtype, device=A.device)
+    fwd = ops.delta_mm if tall else ops.delta_mm_t  # the tall operator times X
+    adj = ops.delta_mm_t if tall else ops.delta_mm  # its adjoint times Y
     U = A.new_empty((*batch, m, k), dtype=cdtype)
     S = A.new_empty((*batch, k), dtype=cdtype)
     V = A.new_empty((*batch, n, k), dtype=cdtype)
@@ -610,8 +613,6 @@ def _fused_svd_lowrank(A: Tensor, q: Optional[int], niter: Optional[int], M: Opt
     # dimensions could copy a broadcast M to full size)
     for idx in itertools.product(*map(range, batch)):
         a, mm = A[idx], None if M is None else M[idx]
-        fwd = ops.delta_mm if tall else ops.delta_mm_t  # the tall operator times X
-        adj = ops.delta_mm_t if tall else ops.delta_mm  # its adjoint times Y
         Q = torch.linalg.qr(fwd(a, mm, R, backend=name)).Q
         for _ in range(niter):
             Q = torch.linalg.qr(adj(a, mm, Q, backend=name)).Q

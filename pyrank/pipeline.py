@@ -423,6 +423,17 @@ def _mine(world, series: Series):
 # ------------------------------------------------------------------ analyze
 
 
+def _check_options(options, positive=(), finite=()) -> None:
+    """Counts ≥ 1 and finite numbers (None: not given), named as the command's options."""
+    for opt in positive:
+        if getattr(options, opt) < 1:
+            raise PipelineError(f"--{opt} must be >= 1, got {getattr(options, opt)}")
+    for opt in finite:
+        v = getattr(options, opt)
+        if v is not None and not math.isfinite(v):
+            raise PipelineError(f"--{opt.replace('_', '-')} must be a finite number, got {v}")
+
+
 @dataclass
 class AnalyzeOptions:
     """What ``pyrank analyze`` computes. ``resume``: None, a saved tracker's directory, or
@@ -438,11 +449,7 @@ class AnalyzeOptions:
     quiet: bool = False
 
     def check(self):
-        if self.k < 1:
-            raise PipelineError(f"--k must be >= 1, got {self.k}")
-        for opt in ("alpha", "eta"):
-            if not math.isfinite(getattr(self, opt)):
-                raise PipelineError(f"--{opt} must be a finite number, got {getattr(self, opt)}")
+        _check_options(self, positive=("k",), finite=("alpha", "eta"))
         if self.diagnostics and not (self.diag_k >= 1 and 0 < self.alpha < 1):
             raise PipelineError(f"--diag-k must be >= 1 and --alpha in (0, 1); got {self.diag_k} and {self.alpha}")
 
@@ -546,12 +553,11 @@ def write_analysis(analysis: Analysis, out: str, *, force: bool = False, inputs:
     """report.json, modules.csv, the plots and tracker/ as directory ``out``, atomically
     (never over an existing ``out`` without ``force``, never into an input); then the
     analysis' kept parts (see :func:`partial_dir`) are removed: it is complete."""
-    from .io.writers import atomic_dir, check_output
+    from .io.writers import atomic_dir, check_output, write_json
     from .report import jsonable, plots
 
     def fill(d):
-        with open(os.path.join(d, "report.json"), "w") as f:
-            json.dump(jsonable(analysis.report), f, indent=1)
+        write_json(os.path.join(d, "report.json"), jsonable(analysis.report))
         with open(os.path.join(d, "modules.csv"), "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(analysis.rows[0]))
             wr.writeheader()
@@ -588,14 +594,9 @@ class ExtrapolateOptions:
     quiet: bool = False
 
     def check(self):
-        if self.k < 1:
-            raise PipelineError(f"--k must be >= 1, got {self.k}")
+        _check_options(self, positive=("k",), finite=("to_step", "target_metric", "scale"))
         if (self.to_step is None) == (self.target_metric is None):
             raise PipelineError("give exactly one of --to-step and --target-metric")
-        for opt in ("to_step", "target_metric", "scale"):
-            v = getattr(self, opt)
-            if v is not None and not math.isfinite(v):
-                raise PipelineError(f"--{opt.replace('_', '-')} must be a finite number, got {v}")
         if self.dtype not in ("float32", "same"):
             raise PipelineError(f"dtype must be 'float32' or 'same', got {self.dtype!r}")
 
@@ -710,10 +711,7 @@ class ReconstructOptions:
     quiet: bool = False
 
     def check(self):
-        if self.rank < 1:
-            raise PipelineError(f"--rank must be >= 1, got {self.rank}")
-        if not math.isfinite(self.scale):
-            raise PipelineError(f"--scale must be a finite number, got {self.scale}")
+        _check_options(self, positive=("rank",), finite=("scale",))
         if self.rest not in ("base", "checkpoint"):
             raise PipelineError(f"rest must be 'base' or 'checkpoint', got {self.rest!r}")
 

@@ -53,17 +53,6 @@ def _umask() -> int:
     return mask
 
 
-def _follow_umask(top: str) -> None:
-    """Give ``top`` and everything in it the modes a plain mkdir/open would have: mkdtemp
-    makes 0700 and some writers 0600 files, which other users of a shared cluster could
-    not read."""
-    mask = _umask()
-    for root, dirs, files in os.walk(top):
-        os.chmod(root, 0o777 & ~mask)
-        for fn in files:
-            os.chmod(os.path.join(root, fn), 0o666 & ~mask)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -106,15 +95,19 @@ def atomic_dir(path: str, fill, *, replace: bool = True) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
     try:
         fill(tmp)
+        # fsync everything, and give it the modes a plain mkdir/open would have: mkdtemp makes
+        # 0700 and some writers 0600 files, which other users of a shared cluster cannot read
+        mask = _umask()
         for root, _, files in os.walk(tmp):
             for fn in files:
+                os.chmod(os.path.join(root, fn), 0o666 & ~mask)
                 fd = os.open(os.path.join(root, fn), os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            os.chmod(root, 0o777 & ~mask)
             _fsync_dir(root)
-        _follow_umask(tmp)
         if replace and os.path.exists(path):  # swap the old directory out, the new one in
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{os.getpid()}-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
@@ -196,16 +189,14 @@ def _finalize(tmp: str, shards, base_dir: Optional[str], extra_files: Optional[d
             if fn == "config.json" and config_dtype is not None:
                 with open(src) as f:
                     cfg = json.load(f)
-                for key in ("torch_dtype", "dtype"):  # transformers 4 writes the first, 5 the second
-                    if key in cfg or key == "torch_dtype":
-                        cfg[key] = config_dtype
-                with open(os.path.join(tmp, fn), "w") as f:
-                    json.dump(cfg, f, indent=2)
+                cfg["torch_dtype"] = config_dtype  # transformers 4's key
+                if "dtype" in cfg:  # transformers 5's
+                    cfg["dtype"] = config_dtype
+                write_json(os.path.join(tmp, fn), cfg)
             else:
                 shutil.copyfile(src, os.path.join(tmp, fn))
     for fn, obj in (extra_files or {}).items():
-        with open(os.path.join(tmp, fn), "w") as f:
-            json.dump(obj, f, indent=1)
+        write_json(os.path.join(tmp, fn), obj)
 
 
 def _io_error(out_dir, exc):
