@@ -22,12 +22,13 @@ struct Mat {
 struct KernelTable {
   const char* name;
   // out_x (m×kx) = Δ·X with X given transposed as XT (kx×n);
-  // out_yT (ky×n) = (Δᵀ·Y)ᵀ with Y (m×ky); *sq = ‖Δ‖_F² when sq is not null. Either product
+  // out_yT (ky×n) = (Δᵀ·Y)ᵀ with Y (m×ky); when sq is not null, *sq = ‖Δ‖_F² and *nz = the
+  // number of entries with Δ ≠ 0 in fp32 (A ≠ B as numbers: ±0 are equal). Either product
   // may be skipped (k = 0). One read of A and B serves all. A.s1 == B.s1 == 1 is the fast
   // path; any other strides are gathered.
   void (*delta_products)(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
                         int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
-                        double* sq, int nthreads);
+                        double* sq, int64_t* nz, int nthreads);
   // out = round_to_dtype(W + US·VT), US (m×k) = α·U·diag(S), VT (k×n); out may alias W
   // exactly (same pointer and strides).
   void (*merge_lowrank)(int dtype, int64_t m, int64_t n, Mat W, void* out, int64_t os0,

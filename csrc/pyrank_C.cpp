@@ -106,11 +106,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t bs0, int64_t bs1, uintptr_t xt, int64_t kx, uintptr_t out_x, uintptr_t y,
          int64_t ky, uintptr_t out_yt, bool sqnorm, int nthreads) {
         double sq = 0.0;
+        int64_t nz = 0;
         g_table.delta_products(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1),
                               reinterpret_cast<const float*>(xt), kx, reinterpret_cast<float*>(out_x),
                               reinterpret_cast<const float*>(y), ky, reinterpret_cast<float*>(out_yt),
-                              sqnorm ? &sq : nullptr, nthreads);
-        return sq;
+                              sqnorm ? &sq : nullptr, &nz, nthreads);
+        return std::make_pair(sq, nz);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

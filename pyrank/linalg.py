@@ -54,6 +54,8 @@ class LowRankSVD:
     residual: (k,) max(‖Δv_i − σ_i u_i‖, ‖Δᵀu_i − σ_i v_i‖) / σ_1 per triplet.
     converged: every residual ≤ tol.
     fro: ‖A − base‖_F when asked for (``fro=True``: read in the first pass), else None.
+    nnz: with ``fro=True``, the number of entries where A ≠ base (as numbers, in the compute
+        dtype: ±0 are equal), counted in the same pass; else None.
     Signs: the largest-magnitude entry of every u_i is positive.
     """
 
@@ -64,6 +66,7 @@ class LowRankSVD:
     residual: Tensor
     converged: bool
     fro: Optional[float] = None
+    nnz: Optional[int] = None
     # The Ritz bases a warm start from this result reuses (top-k plus near-degenerate ones).
     basis: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False)
 
@@ -294,8 +297,8 @@ def svd_lowrank(
         oversample: extra basis columns (default :func:`default_oversample`).
         seed: seeds the random start (None means 0: results are reproducible).
         backend: "auto", "torch", "cpu" or "triton" (see :mod:`pyrank.ops`).
-        fro: also return ‖A − base‖_F (``result.fro``), summed during the first pass —
-            no extra read.
+        fro: also return ‖A − base‖_F (``result.fro``) and the number of entries where
+            A ≠ base (``result.nnz``), both from the first pass — no extra read.
 
     Raises:
         ValueError: k < 1, bad shapes, or NaN/Inf in A or base (named).
@@ -348,7 +351,7 @@ def svd_lowrank(
     cap = max_basis + l
     bU, bZU, bV, bYV = (_Cols(r, like, cap, 2 * l + 2) for r in (m, n, n, m))
     C = like.new_zeros(0, 0)
-    fro_value = None
+    fro_value = nnz_value = None
     scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
     passes = 0
 
@@ -364,7 +367,7 @@ def svd_lowrank(
         if not (converged or force):
             return None
         out = _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen)
-        out.fro = fro_value
+        out.fro, out.nnz = fro_value, nnz_value
         return out
 
     while True:
@@ -376,18 +379,18 @@ def svd_lowrank(
             P, sig, Q = _ritz(C, l, cdtype)
             return stop(P, sig, Q, sig[:min(k, sig.shape[0])], True, True)
         # ---- one pass: multiply the pending blocks (fused when both sides have some)
-        want_sq = fro and passes == 0  # ‖Δ‖_F rides on the first read
+        want_sq = fro and passes == 0  # ‖Δ‖_F and #{Δ ≠ 0} ride on the first read
         if has_u and has_v:
-            out = ops.delta_mm_both(A, base, pend_v, pend_u, sqnorm=want_sq, backend=name)
+            out = ops.delta_mm_both(A, base, pend_v, pend_u, sqnorm=want_sq, nnz=want_sq, backend=name)
             yv_new, zu_new = out[0], out[1]
         elif has_v:
-            out = ops.delta_mm(A, base, pend_v, sqnorm=want_sq, backend=name)
+            out = ops.delta_mm(A, base, pend_v, sqnorm=want_sq, nnz=want_sq, backend=name)
             yv_new, zu_new = (out[0] if want_sq else out), None
         else:
-            out = ops.delta_mm_t(A, base, pend_u, sqnorm=want_sq, backend=name)
+            out = ops.delta_mm_t(A, base, pend_u, sqnorm=want_sq, nnz=want_sq, backend=name)
             yv_new, zu_new = None, (out[0] if want_sq else out)
         if want_sq:
-            fro_value = math.sqrt(max(0.0, float(out[-1])))
+            fro_value, nnz_value = math.sqrt(max(0.0, float(out[-2]))), int(out[-1])
         passes += 1
         for t in (yv_new, zu_new):
             if t is not None:
@@ -401,7 +404,7 @@ def svd_lowrank(
                 scale = max(scale, top)
         if scale == 0.0:
             # Every start block had a random part, so Δ·(random) = 0 means Δ = 0.
-            return _zero_result(m, n, k, passes, gen, like, fro_value)
+            return _zero_result(m, n, k, passes, gen, like, fro_value, nnz_value)
         # C grows by the new columns Uᵀ·yv_new and the new rows pend_uᵀ·YV (the products
         # of pend_v and pend_u): m·l·(|U| + |V|) flops instead of m·|U|·|V| for all of it
         if zu_new is not None:
@@ -487,12 +490,12 @@ def _raise_nonfinite(A: Tensor, base: Optional[Tensor]):
     raise ValueError("A − base overflows to Inf in the compute dtype")
 
 
-def _zero_result(m, n, k, passes, gen, like, fro=None) -> LowRankSVD:
+def _zero_result(m, n, k, passes, gen, like, fro=None, nnz=None) -> LowRankSVD:
     U = _random_orth(m, k, gen, like)
     V = _random_orth(n, k, gen, like)
     U, V = _fix_signs(U, V)
     z = like.new_zeros(k)
-    return LowRankSVD(U, z, V, passes, z.clone(), True, fro=fro, basis=(U, V))
+    return LowRankSVD(U, z, V, passes, z.clone(), True, fro=fro, nnz=nnz, basis=(U, V))
 
 
 def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen) -> LowRankSVD:

@@ -8,6 +8,8 @@ tensors it may trust:
 * ``delta_mm_t(A, B, Y)``      = (A − B)ᵀ @ Y                          n×k
 * ``delta_mm_both(A, B, X, Y)`` = both, in a single read of A and B
 * ``delta_sqnorm(A, B)``       = ‖A − B‖_F²                            0-d tensor
+* with ``nnz=True`` the products also return #{A − B ≠ 0} (entries that differ as numbers)
+  from the same read — the update's changed count, which costs no pass of its own
 * ``merge_lowrank(W, U, S, V, alpha, out)`` = W + α·U·diag(S)·Vᵀ, fp32 math, one
   rounding to W's dtype
 * ``delta_gram(As, B)``        = G_ij = ⟨A_i − B, A_j − B⟩ for a list of weights   T×T
@@ -114,33 +116,41 @@ def _factor(X: Tensor, name: str, rows: int, A: Tensor, ndim: int = 2) -> Tensor
 # ---------------------------------------------------------------- primitives
 
 
-def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, sqnorm: bool = False, backend: str = "auto"):
+def _with(out, sq, nz, sqnorm, nnz):
+    """The product(s), then ‖Δ‖_F² and #{Δ ≠ 0} as asked."""
+    return (*out, *((sq,) if sqnorm else ()), *((nz,) if nnz else ()))
+
+
+def delta_mm(A: Tensor, B: Optional[Tensor], X: Tensor, *, sqnorm: bool = False, nnz: bool = False,
+             backend: str = "auto"):
     """(A − B) @ X.  A, B: (m, n) weights; X: (n, k).  Returns (m, k) in the compute dtype;
-    with ``sqnorm=True``, also ‖A − B‖_F² from the same read: ``(product, sqnorm)``."""
+    with ``sqnorm=True``, also ‖A − B‖_F², with ``nnz=True`` the int number of entries with
+    A ≠ B, from the same read: ``(product, sqnorm, nnz)`` (those asked for)."""
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
-    ox, _, sq = _backend(backend, A).delta_products(A, B, X, None, compute_dtype(A.dtype), sqnorm)
-    return (ox, sq) if sqnorm else ox
+    ox, _, sq, nz = _backend(backend, A).delta_products(A, B, X, None, compute_dtype(A.dtype), sqnorm or nnz)
+    return _with((ox,), sq, nz, sqnorm, nnz) if sqnorm or nnz else ox
 
 
-def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, sqnorm: bool = False, backend: str = "auto"):
-    """(A − B)ᵀ @ Y without a transposed copy.  Y: (m, k).  Returns (n, k) (and ‖A − B‖_F²
-    with ``sqnorm=True``)."""
+def delta_mm_t(A: Tensor, B: Optional[Tensor], Y: Tensor, *, sqnorm: bool = False, nnz: bool = False,
+               backend: str = "auto"):
+    """(A − B)ᵀ @ Y without a transposed copy.  Y: (m, k).  Returns (n, k) (and ‖A − B‖_F²,
+    #{A ≠ B} as :func:`delta_mm`)."""
     check_weights(A, B)
     Y = _factor(Y, "Y", A.shape[0], A)
-    _, oy, sq = _backend(backend, A).delta_products(A, B, None, Y, compute_dtype(A.dtype), sqnorm)
-    return (oy, sq) if sqnorm else oy
+    _, oy, sq, nz = _backend(backend, A).delta_products(A, B, None, Y, compute_dtype(A.dtype), sqnorm or nnz)
+    return _with((oy,), sq, nz, sqnorm, nnz) if sqnorm or nnz else oy
 
 
 def delta_mm_both(A: Tensor, B: Optional[Tensor], X: Tensor, Y: Tensor, *, sqnorm: bool = False,
-                  backend: str = "auto"):
+                  nnz: bool = False, backend: str = "auto"):
     """((A − B) @ X, (A − B)ᵀ @ Y) in one read of A and B.  X: (n, kx); Y: (m, ky).
-    With ``sqnorm=True`` a third item, ‖A − B‖_F², from the same read."""
+    With ``sqnorm=True`` ‖A − B‖_F², with ``nnz=True`` #{A ≠ B}, from the same read."""
     check_weights(A, B)
     X = _factor(X, "X", A.shape[1], A)
     Y = _factor(Y, "Y", A.shape[0], A)
-    ox, oy, sq = _backend(backend, A).delta_products(A, B, X, Y, compute_dtype(A.dtype), sqnorm)
-    return (ox, oy, sq) if sqnorm else (ox, oy)
+    ox, oy, sq, nz = _backend(backend, A).delta_products(A, B, X, Y, compute_dtype(A.dtype), sqnorm or nnz)
+    return _with((ox, oy), sq, nz, sqnorm, nnz)
 
 
 def delta_sqnorm(A: Tensor, B: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:

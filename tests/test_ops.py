@@ -51,6 +51,11 @@ def _check_all(backend, A, B, k, seed=0):
         assert rel_err(got, want) <= tol
     for s in (s1, s2, s3):
         assert abs(s.item() - ref_sq) <= tol * max(ref_sq, 1e-30)
+    # the changed count from the same read: exact, whichever product carries it
+    want = int(torch.count_nonzero(D))
+    assert ops.delta_mm(A, B, X, nnz=True, backend=backend)[1] == want
+    assert ops.delta_mm_t(A, B, Y, sqnorm=True, nnz=True, backend=backend)[2] == want
+    assert ops.delta_mm_both(A, B, X, Y, nnz=True, backend=backend)[2] == want
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,6 +67,30 @@ def test_primitives_match_reference(backend, dtype, layout, shape_k):
     m, n, k = shape_k
     A, B = make_pair(m, n, dtype, seed=m * n + k, layout=layout)
     _check_all(backend, A, B, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(m=st.integers(1, 40), n=st.integers(1, 90), frac=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
+       dtype=st.sampled_from(DTYPES), k=st.sampled_from([1, 3, 9]), seed=st.integers(0, 2**16),
+       transposed=st.booleans())
+def test_changed_count_is_exact(backend, m, n, frac, dtype, k, seed, transposed):
+    """#{A ≠ B} from a product's read equals a float64 count: sparse updates, ±0 (equal as
+    numbers), tails shorter than a vector, the SIMD and the tiled paths (k = 9), views."""
+    if backend == "triton" and m * n > 600:
+        return  # the interpreter is slow; small shapes cover its masks
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g).to(dtype)
+    B = A.clone()
+    hit = torch.rand(m, n, generator=g) < frac
+    B[hit] = (A[hit].double() * 1.01 + 1e-3).to(dtype)
+    A[0, 0], B[0, 0] = 0.0, -0.0
+    want = int(torch.count_nonzero(A.double() - B.double()))
+    if transposed:
+        A, B = A.t().contiguous().t(), B.t().contiguous().t()
+    X = torch.randn(n, k, generator=g)
+    got = ops.delta_mm(A, B, X, nnz=True, backend=backend)[1]
+    assert got == want
+    assert pyrank.svd_lowrank(A, 1, base=B, fro=True, backend=backend, max_passes=1).nnz == want
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

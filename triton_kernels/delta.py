@@ -42,7 +42,7 @@ MAX_K = 128  # columns of X / Y per launch; wider operands are split into launch
 
 @triton.jit
 def _delta_products_kernel(
-    p_a, p_b, p_x, p_y, p_px, p_py, p_sq,
+    p_a, p_b, p_x, p_y, p_px, p_py, p_sq, p_nz,
     m, n, kx, ky, PM, PN,
     s_am, s_an, s_bm, s_bn, s_xn, s_xk, s_ym, s_yk,
     HAS_B: tl.constexpr, HAS_X: tl.constexpr, HAS_Y: tl.constexpr, SQNORM: tl.constexpr,
@@ -60,6 +60,7 @@ def _delta_products_kernel(
     o_ky = tl.arange(0, KY)
     if SQNORM:
         b_sq = tl.zeros((BM,), dtype=tl.float32)
+        b_nz = tl.zeros((BM,), dtype=tl.int32)  # nonzero Δ entries per row (< 2³¹: one row's)
     for i0 in range(r_lo, r_hi, BM):
         o_m = i0 + tl.arange(0, BM)
         mask_m = o_m < r_hi
@@ -77,6 +78,7 @@ def _delta_products_kernel(
                 b_d -= tl.load(p_b + o_m[:, None] * s_bm + o_n[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
             if SQNORM:
                 b_sq += tl.sum(b_d * b_d, axis=1)
+                b_nz += tl.sum((b_d != 0.0).to(tl.int32), axis=1)  # masked entries load as 0
             if HAS_X:
                 b_x = tl.load(p_x + o_n[:, None] * s_xn + o_kx[None, :] * s_xk,
                               mask=mask_n[:, None] & (o_kx[None, :] < kx), other=0.0)
@@ -90,6 +92,7 @@ def _delta_products_kernel(
             tl.store(p_px + pn * m * KX + o_m[:, None] * KX + o_kx[None, :], b_ax, mask=mask_m[:, None])
     if SQNORM:
         tl.store(p_sq + pm * PN + pn, tl.sum(b_sq, axis=0))
+        tl.store(p_nz + pm * PN + pn, tl.sum(b_nz.to(tl.int64), axis=0))
 
 
 if not INTERPRET:
@@ -128,6 +131,7 @@ def _delta_products_launch(A, B, X, Y, sqnorm):
     part_x = torch.empty(PN, m, KX, dtype=torch.float32, device=dev) if has_x else None
     part_y = torch.zeros(PM, n, KY, dtype=torch.float32, device=dev) if has_y else None
     part_sq = torch.zeros(PM * PN, dtype=torch.float32, device=dev) if sqnorm else None
+    part_nz = torch.zeros(PM * PN, dtype=torch.int64, device=dev) if sqnorm else None
     dummy = A  # any valid pointer for operands the constexpr flags switch off
     Bp = B if B is not None else dummy
     Xp = X if has_x else dummy
@@ -135,7 +139,7 @@ def _delta_products_launch(A, B, X, Y, sqnorm):
     meta = dict(_INTERPRET_META) if INTERPRET else {}
     _delta_products_kernel[(PM, PN)](
         A, Bp, Xp, Yp, part_x if has_x else dummy, part_y if has_y else dummy,
-        part_sq if sqnorm else dummy, m, n, kx, ky, PM, PN,
+        part_sq if sqnorm else dummy, part_nz if sqnorm else dummy, m, n, kx, ky, PM, PN,
         A.stride(0), A.stride(1), Bp.stride(0), Bp.stride(1),
         Xp.stride(0), Xp.stride(1), Yp.stride(0), Yp.stride(1),
         HAS_B=B is not None, HAS_X=has_x, HAS_Y=has_y, SQNORM=bool(sqnorm), KX=KX, KY=KY, **meta,
@@ -143,29 +147,30 @@ def _delta_products_launch(A, B, X, Y, sqnorm):
     out_x = part_x.sum(0)[:, :kx] if has_x else None
     out_y = part_y.sum(0)[:, :ky] if has_y else None
     sq = part_sq.double().sum().float() if sqnorm else None
-    return out_x, out_y, sq
+    nz = int(part_nz.sum()) if sqnorm else None
+    return out_x, out_y, sq, nz
 
 
 def delta_products(A: torch.Tensor, B, X, Y, sqnorm: bool = False):
-    """((A − B)·X, (A − B)ᵀ·Y, ‖A − B‖_F²) in one read of A and B; X, Y may be None and the
-    norm is computed only when asked (else None).
+    """((A − B)·X, (A − B)ᵀ·Y, ‖A − B‖_F², #{A − B ≠ 0}) in one read of A and B; X, Y may be
+    None and the norm and count are computed only when asked (else None).
 
     A, B: (m, n) bf16/fp16/fp32 on one CUDA device (B may be None), any strides.
-    X: (n, kx) fp32; Y: (m, ky) fp32. Returns fp32 (m, kx), (n, ky) and a 0-d tensor.
-    Operands wider than MAX_K columns are processed MAX_K columns per launch (the norm comes
-    from the first).
+    X: (n, kx) fp32; Y: (m, ky) fp32. Returns fp32 (m, kx), (n, ky), a 0-d tensor and an int.
+    Operands wider than MAX_K columns are processed MAX_K columns per launch (the norm and
+    count come from the first).
     """
     kx = X.shape[1] if X is not None else 0
     ky = Y.shape[1] if Y is not None else 0
     if max(kx, ky) <= MAX_K:
-        out_x, out_y, sq = _delta_products_launch(A, B, X, Y, sqnorm)
+        out_x, out_y, sq, nz = _delta_products_launch(A, B, X, Y, sqnorm)
     else:
-        xs, ys, sq = [], [], None
+        xs, ys, sq, nz = [], [], None, None
         for c in range(0, max(kx, ky), MAX_K):
             xc = X[:, c:c + MAX_K] if X is not None and c < kx else None
             yc = Y[:, c:c + MAX_K] if Y is not None and c < ky else None
-            ox, oy, s = _delta_products_launch(A, B, xc, yc, sqnorm and c == 0)
-            sq = s if c == 0 else sq
+            ox, oy, s, z = _delta_products_launch(A, B, xc, yc, sqnorm and c == 0)
+            sq, nz = (s, z) if c == 0 else (sq, nz)
             if ox is not None:
                 xs.append(ox)
             if oy is not None:
@@ -173,7 +178,7 @@ def delta_products(A: torch.Tensor, B, X, Y, sqnorm: bool = False):
         out_x = torch.cat(xs, 1) if X is not None else None
         out_y = torch.cat(ys, 1) if Y is not None else None
     return (None if out_x is None else out_x.contiguous(),
-            None if out_y is None else out_y.contiguous(), sq)
+            None if out_y is None else out_y.contiguous(), sq, nz)
 
 
 @triton.jit

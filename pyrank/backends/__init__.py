@@ -33,10 +33,12 @@ class Backend(Protocol):
     """The contract. ``cdtype`` is the compute dtype (:func:`compute_dtype` of the weights')."""
 
     def delta_products(self, A: Tensor, B: Optional[Tensor], X: Optional[Tensor], Y: Optional[Tensor],
-                       cdtype: torch.dtype, sqnorm: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """((A − B)·X or None, (A − B)ᵀ·Y or None, ‖A − B‖_F² as a 0-d tensor or None), from
-        one read of A and B: X (n, kx) and Y (m, ky) may each be None, ``sqnorm`` asks for the
-        norm. Outputs in ``cdtype``."""
+                       cdtype: torch.dtype, sqnorm: bool
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[int]]:
+        """((A − B)·X or None, (A − B)ᵀ·Y or None, ‖A − B‖_F² as a 0-d tensor or None, the
+        number of entries with A − B ≠ 0 in ``cdtype`` (A ≠ B as numbers) or None), from one
+        read of A and B: X (n, kx) and Y (m, ky) may each be None, ``sqnorm`` asks for the
+        norm and the count. Outputs in ``cdtype``."""
 
     def merge_lowrank(self, W: Tensor, U: Tensor, S: Tensor, V: Tensor, alpha: float, out: Tensor,
                       cdtype: torch.dtype) -> Tensor:

@@ -55,10 +55,11 @@ def _mat(T):
 
 
 def delta_products(A, B, X, Y, cdtype, sqnorm):
-    """(ΔX or None, ΔᵀY or None, ‖Δ‖_F² or None) for fp32 X (n×kx), Y (m×ky): one read."""
+    """(ΔX or None, ΔᵀY or None, ‖Δ‖_F² and #{Δ ≠ 0} or None, None) for fp32 X (n×kx),
+    Y (m×ky): one read."""
     if _transposed(A, B):  # ΔX = (Δᵀ)ᵀX, ΔᵀY = (Δᵀ)Y, ‖Δ‖ = ‖Δᵀ‖
-        Q, P, sq = delta_products(A.t(), None if B is None else B.t(), Y, X, cdtype, sqnorm)
-        return P, Q, sq
+        Q, P, sq, nz = delta_products(A.t(), None if B is None else B.t(), Y, X, cdtype, sqnorm)
+        return P, Q, sq, nz
     m, n = A.shape
     kx = 0 if X is None else X.shape[1]
     ky = 0 if Y is None else Y.shape[1]
@@ -67,17 +68,17 @@ def delta_products(A, B, X, Y, cdtype, sqnorm):
     if m == 0 or n == 0:  # nothing to read: every output is zero
         return (None if out_x is None else out_x.zero_(),
                 None if out_yT is None else out_yT.zero_().t().contiguous(),
-                torch.zeros((), dtype=cdtype) if sqnorm else None)
+                torch.zeros((), dtype=cdtype) if sqnorm else None, 0 if sqnorm else None)
     XT = X.t().contiguous() if X is not None else None
     Yc = Y.contiguous() if Y is not None else None
-    sq = _C.delta_products(
+    sq, nz = _C.delta_products(
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
         0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
         0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
         bool(sqnorm), torch.get_num_threads(),
     )
     return (out_x, None if out_yT is None else out_yT.t().contiguous(),
-            torch.tensor(sq, dtype=cdtype) if sqnorm else None)
+            torch.tensor(sq, dtype=cdtype) if sqnorm else None, nz if sqnorm else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):

@@ -20,11 +20,13 @@ def _delta(A, B, i, j, cdtype):
 
 
 def delta_products(A, B, X, Y, cdtype, sqnorm):
-    """(A − B)·X, (A − B)ᵀ·Y and ‖A − B‖_F² from one pass over row blocks (each optional)."""
+    """(A − B)·X, (A − B)ᵀ·Y, ‖A − B‖_F² and #{A − B ≠ 0} from one pass over row blocks
+    (each optional; the last two with ``sqnorm``)."""
     m, n = A.shape
     out_x = torch.empty(m, X.shape[1], dtype=cdtype, device=A.device) if X is not None else None
     out_y = torch.zeros(n, Y.shape[1], dtype=cdtype, device=A.device) if Y is not None else None
     sq = torch.zeros((), dtype=torch.float64, device=A.device) if sqnorm else None
+    nz = torch.zeros((), dtype=torch.int64, device=A.device) if sqnorm else None
     for i, j in _row_blocks(m, n):
         d = _delta(A, B, i, j, cdtype)  # one read of this block serves every output
         if X is not None:
@@ -33,7 +35,8 @@ def delta_products(A, B, X, Y, cdtype, sqnorm):
             out_y.addmm_(d.t(), Y[i:j])
         if sqnorm:
             sq += torch.sum(d * d, dtype=torch.float64)
-    return out_x, out_y, (sq.to(cdtype) if sqnorm else None)
+            nz += torch.count_nonzero(d)
+    return out_x, out_y, (sq.to(cdtype) if sqnorm else None), (int(nz) if sqnorm else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
