@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,42 +19,124 @@ _PT_INDEX = "pytorch_model.bin.index.json"
 # safetensors' dtype codes as torch names them, so a .bin checkpoint and a safetensors base compare
 _ST_DTYPES = {"BF16": "torch.bfloat16", "F16": "torch.float16", "F32": "torch.float32", "F64": "torch.float64",
               "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
-              "U8": "torch.uint8", "BOOL": "torch.bool", "F8_E4M3": "torch.float8_e4m3fn",
+              "U8": "torch.uint8", "U16": "torch.uint16", "U32": "torch.uint32", "U64": "torch.uint64",
+              "BOOL": "torch.bool", "F8_E4M3": "torch.float8_e4m3fn",
               "F8_E5M2": "torch.float8_e5m2"}
+
+
+_TORCH_DTYPES = {code: getattr(torch, name.split(".")[1]) for code, name in _ST_DTYPES.items()}
+_ITEMSIZE = {code: torch.empty(0, dtype=dt).element_size() for code, dt in _TORCH_DTYPES.items()}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class _Entry:
+    """Where one tensor's bytes are in its file."""
+    __slots__ = ("code", "shape", "start", "nbytes")
+
+    def __init__(self, code, shape, start, nbytes):
+        self.code, self.shape, self.start, self.nbytes = code, shape, start, nbytes
+
+
+def _header(path: str) -> Dict[str, _Entry]:
+    """The tensors of a safetensors file, from its header alone (8-byte length, JSON),
+    checked: every tensor's byte range lies inside the file and matches its shape and dtype.
+    A truncated or corrupted file is refused here, naming it, before any weight is read."""
+    _regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            hlen = int.from_bytes(raw, "little")
+            if hlen > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {hlen} exceeds the file")
+            meta = json.loads(f.read(hlen).decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("header is not a JSON object")
+        data_start = 8 + hlen
+        out = {}
+        for name, e in meta.items():
+            if name == "__metadata__":
+                continue
+            code, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
+            # (a dtype torch lacks is listed, and refused only if it is read)
+            nbytes = math.prod(shape) * _ITEMSIZE[code] if code in _ITEMSIZE else end - b
+            if not (0 <= b <= end and end - b == nbytes and data_start + end <= size):
+                raise ValueError(f"tensor {name!r}: data_offsets {[b, end]} do not fit its shape {shape} "
+                                 f"{code} within the file (truncated?)")
+            out[name] = _Entry(code, tuple(shape), data_start + b, nbytes)
+        return out
+    except PyrankIOError:
+        raise
+    except Exception as exc:  # truncated, corrupted, not safetensors at all
+        raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
 
 
 class LazyWeights(Mapping):
     """name → tensor, read from safetensors files one tensor per access, read-only.
     ``source`` names what was opened; ``file_of(name)`` the file a tensor is in.
 
-    Each access opens the file, copies the one tensor out and closes it again: a mapping
-    kept open would leave every page it ever read counted in the process's RSS, and
-    analyzing a series would then look (and, under memory pressure, act) like holding
-    every model whole."""
+    Each access reads the one tensor's bytes straight into a new tensor (a single copy out
+    of the page cache; the file is opened read-only and closed again). Nothing stays
+    mapped: a mapping kept open would leave every page it ever read counted in the
+    process's RSS, and analyzing a series would then look (and, under memory pressure,
+    act) like holding every model whole. Headers are parsed once, when opened."""
 
-    def __init__(self, files: Dict[str, str], source: str):
+    def __init__(self, files: Dict[str, str], source: str, headers: Optional[Dict[str, Dict[str, _Entry]]] = None):
         self._files = files  # tensor name -> file path
+        self._headers = dict(headers or {})  # file path -> its entries
         self.source = source
 
-    def _read(self, name, fn):
-        from safetensors import safe_open
-
+    def _entry(self, name) -> _Entry:
         path = self._files[name]
+        if path not in self._headers:
+            self._headers[path] = _header(path)
         try:
-            f = safe_open(path, framework="pt", device="cpu")
-        except Exception as exc:  # truncated or corrupted file
-            raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
+            return self._headers[path][name]
+        except KeyError:
+            raise PyrankIOError(f"{path}: lacks tensor {name!r}") from None
+
+    def _bytes(self, name, offset: int, nbytes: int) -> torch.Tensor:
+        path = self._files[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if nbytes else None
         try:
-            return fn(f)
-        except Exception as exc:
-            raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({_short(exc)})") from None
-        finally:
-            del f  # unmaps the file
+            with open(path, "rb", buffering=0) as f:  # read-only; readinto releases the GIL
+                got = 0
+                while got < nbytes:
+                    f.seek(offset + got)
+                    r = f.readinto(view[got:])
+                    if not r:
+                        raise EOFError(f"file ends {nbytes - got} bytes early (truncated after it was opened?)")
+                    got += r
+        except OSError as exc:
+            raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
+        except EOFError as exc:
+            raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({exc})") from None
+        return buf
+
+    def _dtype(self, name, e):
+        if e.code not in _TORCH_DTYPES:
+            raise PyrankIOError(f"{self._files[name]}: tensor {name!r} has dtype {e.code}, which torch cannot hold")
+        return _TORCH_DTYPES[e.code]
 
     def __getitem__(self, name):
         if name not in self._files:
             raise KeyError(name)
-        return self._read(name, lambda f: f.get_tensor(name).clone())
+        e = self._entry(name)
+        return self._bytes(name, e.start, e.nbytes).view(self._dtype(name, e)).reshape(e.shape)
+
+    def rows(self, name, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor of ≥ 1 dimension, reading only their bytes."""
+        e = self._entry(name)
+        dtype = self._dtype(name, e)
+        shape = e.shape if e.shape else (1,)
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        stop = max(start, stop)
+        row = math.prod(shape[1:]) * _ITEMSIZE[e.code]
+        t = self._bytes(name, e.start + start * row, (stop - start) * row)
+        return t.view(dtype).reshape((stop - start,) + tuple(shape[1:]))
 
     def __contains__(self, name):  # from the index: Mapping's default would read the tensor
         return name in self._files
@@ -63,11 +146,11 @@ class LazyWeights(Mapping):
 
     def shape_dtype(self, name) -> Tuple[Tuple[int, ...], str]:
         """Shape and dtype (torch's name, e.g. ``"torch.bfloat16"``) without reading the data."""
-        def meta(f):
-            sl = f.get_slice(name)
-            code = sl.get_dtype()
-            return tuple(sl.get_shape()), _ST_DTYPES.get(code, code)
-        return self._read(name, meta)
+        e = self._entry(name)
+        return e.shape, _ST_DTYPES.get(e.code, e.code)
+
+    def nbytes(self, name) -> int:
+        return self._entry(name).nbytes
 
     def __iter__(self):
         return iter(self._files)
@@ -133,18 +216,6 @@ def _regular_file(path: str, what: str = "weight file") -> str:
     return path
 
 
-def _safetensors_names(path: str) -> List[str]:
-    from safetensors import safe_open
-
-    _regular_file(path)
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except Exception as exc:
-        raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
-
-
 def _load_pt(path: str) -> _EagerWeights:
     _regular_file(path)
     try:
@@ -162,6 +233,11 @@ def _load_pt(path: str) -> _EagerWeights:
     return out
 
 
+def _one_file(path: str, source: str) -> LazyWeights:
+    h = _header(path)
+    return LazyWeights({n: path for n in h}, source, {path: h})
+
+
 def open_weights(path: str) -> Mapping:
     """A read-only mapping name → tensor for a model directory or weight file (see module doc)."""
     if not os.path.exists(path):
@@ -170,7 +246,7 @@ def open_weights(path: str) -> Mapping:
         _regular_file(path)
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
-            return LazyWeights({n: path for n in _safetensors_names(path)}, path)
+            return _one_file(path, path)
         if path.endswith((".pt", ".bin", ".pth")):
             return _load_pt(path)
         raise PyrankIOError(f"{path}: unknown weight file type (expected .safetensors, .pt or .bin)")
@@ -197,19 +273,19 @@ def open_weights(path: str) -> Mapping:
             if not os.path.exists(shard_path):
                 raise PyrankIOError(f"{shard_path}: shard named by {index} is missing")
             files[name] = shard_path
+        headers = {}
         for shard_path in sorted(set(files.values())):  # every shard must open and hold what the index says
-            present = set(_safetensors_names(shard_path))
+            headers[shard_path] = present = _header(shard_path)
             lost = [n for n, p in files.items() if p == shard_path and n not in present]
             if lost:
                 raise PyrankIOError(f"{shard_path}: lacks tensor {lost[0]!r} named by {index}")
-        return LazyWeights(files, path)
+        return LazyWeights(files, path, headers)
     single = os.path.join(path, _SINGLE)
     if os.path.exists(single):
-        return LazyWeights({n: single for n in _safetensors_names(single)}, path)
+        return _one_file(single, path)
     sts = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(sts) == 1:
-        p = os.path.join(path, sts[0])
-        return LazyWeights({n: p for n in _safetensors_names(p)}, path)
+        return _one_file(os.path.join(path, sts[0]), path)
     for name in _PT_NAMES:
         if os.path.exists(os.path.join(path, name)):
             return _load_pt(os.path.join(path, name))

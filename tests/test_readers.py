@@ -1,0 +1,69 @@
+"""pyrank's own safetensors reader against the safetensors library's writer and reader."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pyrank.io import PyrankIOError, open_weights
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int8, torch.uint8,
+          torch.bool]
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=5),
+       dtypes=st.lists(st.sampled_from(DTYPES), min_size=5, max_size=5), seed=st.integers(0, 2**16))
+def test_reads_what_safetensors_wrote_bitwise(tmp_path_factory, shapes, dtypes, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, shape in enumerate(shapes):
+        t = torch.randn(shape, generator=g) * 100
+        tensors[f"t{i}"] = (t > 0) if dtypes[i] == torch.bool else t.to(dtypes[i])
+    path = str(tmp_path_factory.mktemp("st") / "model.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    w = open_weights(path)
+    assert set(w) == set(tensors)
+    with safe_open(path, "pt") as f:
+        for name, t in tensors.items():
+            got = w[name]
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(got.view(-1).view(torch.uint8), f.get_tensor(name).view(-1).view(torch.uint8))
+            assert w.shape_dtype(name) == (tuple(t.shape), str(t.dtype))
+            if t.dim() and t.shape[0]:
+                for a, b in ((0, 1), (t.shape[0] - 1, t.shape[0]), (1, t.shape[0])):
+                    assert torch.equal(w.rows(name, a, b).view(torch.uint8), t[a:b].contiguous().view(torch.uint8))
+
+
+def test_truncated_and_corrupted_files_are_named(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": torch.randn(64, 64), "b": torch.randn(3)}, path)
+    data = open(path, "rb").read()
+    for bad, why in ((data[:-10], "truncated"), (data[:5], "shorter"), (b"\xff" * 8 + data[8:], "header length"),
+                     (data[:8] + b"[" + data[9:], "")):
+        with open(path, "wb") as f:
+            f.write(bad)
+        with pytest.raises(PyrankIOError, match=f"{path}: cannot read safetensors file.*{why}"):
+            open_weights(path)
+
+
+def test_a_file_shortened_after_opening_is_named(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": torch.randn(64, 64)}, path)
+    w = open_weights(path)
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(PyrankIOError, match=f"{path}: cannot read tensor 'a' .*early"):
+        w["a"]
+
+
+def test_reads_leave_the_file_untouched_and_share_no_memory(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": torch.ones(8, 8)}, path)
+    before = open(path, "rb").read()
+    w = open_weights(path)
+    t = w["a"]
+    t += 1  # the tensor is the reader's own copy: writing it changes neither the file nor a re-read
+    assert open(path, "rb").read() == before
+    assert torch.equal(w["a"], torch.ones(8, 8))
