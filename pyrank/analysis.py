@@ -55,6 +55,21 @@ def changed_mask(W0: Tensor, Wt: Tensor, eta: float = 1e-3) -> Tensor:
     return out
 
 
+# For bf16 (8 significant bits) two different numbers differ by at least 2⁻⁸ of the larger
+# magnitude (the worst case: 2^e − 2^(e−8) and 2^e), so with η ≤ 2⁻⁹ — a margin for the fp32
+# rounding of η·max — the η rule counts exactly the entries where W_t ≠ W₀, which the SVD's
+# first read counts anyway (LowRankSVD.nnz). fp16 (11 bits) and fp32 changes can be smaller
+# than η = 1e-3 of the weight: those need the rule's own pass. (Non-finite weights differ
+# between the two, but the SVD refuses them.)
+ETA_COUNT_MAX = 2.0 ** -9
+
+
+def count_is_eta_rule(dtype, eta: float) -> bool:
+    """Whether the changed count #{W_t ≠ W₀} equals the η rule's count for weights of
+    ``dtype`` (a torch dtype or its name): bf16 and 0 ≤ η ≤ 2⁻⁹."""
+    return str(dtype) == "torch.bfloat16" and 0.0 <= eta <= ETA_COUNT_MAX
+
+
 def update_sparsity(W0: Tensor, Wt: Tensor, eta: float = 1e-3) -> float:
     """Fraction of unchanged weights: 1 − changed/total (docs/METHODS.md §3)."""
     total = W0.numel()

@@ -65,6 +65,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              "else the CPU (C++ kernels); weights are moved one tensor at a time")
         sp.add_argument("--out", required=need_out, help="output directory (must not exist, unless --force)")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+        quiet_arg(sp)
+
+    def quiet_arg(sp):
+        sp.add_argument("--quiet", action="store_true",
+                        help="no progress bar (none is drawn when stderr is not a terminal either)")
 
     a = sub.add_parser("analyze", help="track the top-k triplets of every module over a checkpoint series",
                        description="Track σ, u, v of every module's update over a checkpoint series; write "
@@ -130,6 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="auto = the CUDA device if there is one, else the CPU")
     r.add_argument("--out", required=True)
     r.add_argument("--force", action="store_true")
+    quiet_arg(r)
     r.set_defaults(func=_cmd_reconstruct)
 
     d = sub.add_parser("demo", help="a tiny RL run on a generated task, then AlphaRL on its own checkpoints",
@@ -144,6 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--algo", choices=["grpo", "hpt"], default="grpo", help="RL algorithm (default grpo)")
     d.add_argument("--seed", type=int, default=0, help="seed of data, model and sampling (default 0)")
     d.add_argument("--force", action="store_true", help="replace an existing output directory")
+    quiet_arg(d)
     d.set_defaults(func=_cmd_demo)
 
     env = sub.add_parser("env", help="print versions and which backends are available (and why not)",
@@ -216,7 +223,8 @@ def _cmd_analyze(args, world) -> int:
     from . import pipeline, report
 
     options = pipeline.AnalyzeOptions(k=args.k, backend=args.backend, diagnostics=args.diagnostics,
-                                      diag_k=args.diag_k, alpha=args.alpha, eta=args.eta, resume=args.resume)
+                                      diag_k=args.diag_k, alpha=args.alpha, eta=args.eta, resume=args.resume,
+                                      quiet=args.quiet)
     series = _open_series(args, options)
     result = pipeline.analyze_run(series, options, out=args.out, world=world)
     if world.rank != 0:
@@ -236,7 +244,8 @@ def _cmd_extrapolate(args, world) -> int:
 
     options = pipeline.ExtrapolateOptions(to_step=args.to_step, target_metric=args.target_metric,
                                           window=_window(args.window), base=args.base_mode, update=args.update,
-                                          scale=args.scale, dtype=args.dtype, k=args.k, backend=args.backend)
+                                          scale=args.scale, dtype=args.dtype, k=args.k, backend=args.backend,
+                                          quiet=args.quiet)
     series = _open_series(args, options)
     x = pipeline.extrapolate_run(series, options, world=world)
     pipeline.write_extrapolation(x, series, args.out, force=args.force, world=world)
@@ -254,7 +263,7 @@ def _cmd_reconstruct(args) -> int:
     from . import pipeline
 
     options = pipeline.ReconstructOptions(rank=args.rank, scale=args.scale, norm_match=not args.no_norm_match,
-                                          rest=args.rest, backend=args.backend)
+                                          rest=args.rest, backend=args.backend, quiet=args.quiet)
     options.check()
     _check_writable(args.out)
     names = pipeline.reconstruct_run(args.base, args.checkpoint, args.out, options, include=args.include,
@@ -267,7 +276,7 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, seed=args.seed, algo=args.algo, quick=args.quick, force=args.force)
+    run_demo(args.out, seed=args.seed, algo=args.algo, quick=args.quick, force=args.force, quiet=args.quiet)
     return 0
 
 

@@ -17,6 +17,7 @@ on any rank is raised on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -264,23 +265,45 @@ def _say(msg: str) -> None:
 
 
 class _Progress:
-    def __init__(self, total, label, quiet=False):
-        self.total, self.label, self.done, self.quiet = total, label, 0, quiet
-        self.tty = sys.stderr.isatty()
+    """A tqdm progress bar on stderr: items done, and with ``total_bytes`` the bytes read,
+    throughput and ETA by bytes (the work of a series is its reads). Silent with ``quiet``
+    or when stderr is not a terminal (logs and pipes get no progress lines)."""
 
-    def step(self, what=""):
+    def __init__(self, total, label, quiet=False, *, total_bytes=0, unit=""):
+        from tqdm import tqdm
+
+        self.total, self.done, self.by_bytes = total, 0, total_bytes > 0
+        disable = quiet or not sys.stderr.isatty()
+        if self.by_bytes:
+            self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                            file=sys.stderr, disable=disable, dynamic_ncols=True, leave=True)
+        else:
+            self.bar = tqdm(total=total, desc=label, unit="", file=sys.stderr, disable=disable,
+                            dynamic_ncols=True, leave=True)
+        self.unit = unit
+
+    def step(self, what="", nbytes=0):
         self.done += 1
-        if self.quiet:
+        if self.bar.disable:
             return
-        if self.tty:
-            w = 30
-            fill = int(w * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {what[:40]:<40}")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+        self.bar.set_postfix_str(f"{self.done}/{self.total} {self.unit and '(' + self.unit + ') '}{what[-48:]}",
+                                 refresh=False)
+        self.bar.update(nbytes if self.by_bytes else 1)
+
+    def close(self):
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _writing(source, names, label, quiet):
+    """A progress bar over the tensors ``names`` of ``source`` as they are written; yields
+    the writers' ``progress(i, n, name)`` callback."""
+    prog = _Progress(len(names), label, quiet, total_bytes=sum(_nbytes(source, n) for n in names),
+                     unit="tensors")
+    try:
+        yield lambda i, n, name: prog.step(name, _nbytes(source, name))
+    finally:
+        prog.close()
 
 
 RESUME_INTERRUPTED = "\0interrupted"  # resume= the interrupted analysis of this output
@@ -291,6 +314,11 @@ def partial_dir(out: str) -> str:
     completes: a hidden sibling of ``out``."""
     out = os.path.abspath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+
+
+def _part_order(d: str) -> int:
+    tail = d.rsplit("-part-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _resumed(resume, out, k, series: Series):
@@ -309,9 +337,8 @@ def _resumed(resume, out, k, series: Series):
         if not parts:
             raise PipelineError(f"--resume: no interrupted analysis of {out} to continue "
                                 "(give --resume TRACKER_DIR to continue a saved tracker)")
-        try:  # rank parts of each step; steps in order, so the last part's warm starts win
-            loaded = Rank1Tracker.union([Rank1Tracker.load(d) for d in
-                                         sorted(parts, key=lambda d: float(d.rsplit("-step-", 1)[1]))])
+        try:  # parts in the order they were saved: a later part's observations and warm starts win
+            loaded = Rank1Tracker.union([Rank1Tracker.load(d) for d in sorted(parts, key=_part_order)])
         except (OSError, ValueError) as exc:
             raise PipelineError(f"--resume: {exc}") from None
         where = src
@@ -340,16 +367,52 @@ def _resumed(resume, out, k, series: Series):
     return loaded
 
 
+# An interrupted analysis keeps what it finished: after a module's series is done, its
+# observations are saved as a part once this many seconds have passed since the last part
+# (so a resume redoes at most that much work, and saving never dominates a fast series).
+SAVE_EVERY_S = 2.0
+
+
+def _nbytes(weights, name) -> int:
+    if hasattr(weights, "nbytes"):
+        return weights.nbytes(name)
+    shape, dtype = shape_of(weights, name)
+    import torch
+
+    return math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype.split(".")[1])).element_size()
+
+
+def _fingerprint_of(weights, name) -> str:
+    """The provenance fingerprint of a tensor (:func:`pyrank.track.fingerprint`), reading
+    only its first and last rows where the mapping can."""
+    from .track import fingerprint, fingerprint_rows
+
+    if not hasattr(weights, "rows"):
+        return fingerprint(weights[name])
+    shape, dtype = shape_of(weights, name)
+    rows = shape[0] if shape else 1
+    return fingerprint_rows(shape, dtype, weights.rows(name, 0, 1), weights.rows(name, rows - 1, rows))
+
+
 def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, partial=None, quiet=False):
-    """Track every module over the checkpoints. ``extras``: None, or the AnalyzeOptions
-    whose sparsity (always) and diagnostics (if asked) are computed per module and step.
-    ``resumed``: a tracker whose observations are kept (each is checked against the weights
-    it claims to come from). ``partial``: a path prefix; after each checkpoint its new
-    observations are saved to ``PREFIX-step-S`` (what a resume continues from).
+    """Track every module over the checkpoints, one module at a time: its base is read once
+    for the whole series, each checkpoint's tensor once, and a background thread reads the
+    next tensors while the current one is computed (at most READ_AHEAD tensors ahead, so
+    memory stays a few modules whatever the model's size).
+
+    ``extras``: None, or the AnalyzeOptions whose sparsity (always) and diagnostics (if
+    asked) are computed per module and step. The sparsity is the changed count of the SVD's
+    first read where that count is the η rule (bf16, η < 2⁻⁸: see
+    :func:`pyrank.analysis.count_is_eta_rule`), else a pass of its own. ``resumed``: a
+    tracker whose observations are kept (each checked against the fingerprint of the weights
+    it claims to come from, read from their first and last rows). ``partial``: a path
+    prefix under which finished modules are saved as parts (what a resume continues from).
     Returns (tracker, {module: {step: {column: value}}})."""
-    from .analysis import diagnostics, update_jaccard, update_sparsity
+    import time
+
+    from .analysis import count_is_eta_rule, diagnostics, update_jaccard, update_sparsity
     from .linalg import svd_lowrank
-    from .track import Rank1Tracker, _fmt, fingerprint
+    from .track import Rank1Tracker, _fmt
 
     base, metrics = series.base, series.metrics
     tr = Rank1Tracker(k=k, backend=backend)
@@ -358,41 +421,123 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
         tr.backend = backend
     diag = extras is not None and extras.diagnostics
     per = {n: {} for n in names}
-    base_svd = {}
-    prog = _Progress(len(ckpts) * len(names), "tracking", quiet)
-    for i, (step, path, w) in enumerate(ckpts):
-        new = False
-        for n in names:
-            W, W0 = w[n], base[n]
-            try:
-                if not (n in tr.modules and step in tr.steps(n)):
-                    tr.observe(step, {n: W}, {n: W0}, modules=[n])
-                    new = True
-                else:  # a resumed observation: it must come from these very weights
-                    fp = tr.fingerprints(n)
-                    for what, T, key in (("base", W0, "base"), (path, W, _fmt(step))):
-                        if key in fp and fp[key] != fingerprint(T):
-                            raise PipelineError(f"--resume: module {n!r} of {what} is not what the tracker's "
-                                                f"step {step:g} was computed from: it belongs to another run")
-                if diag:
-                    if n not in base_svd:  # W₀'s top-k serves every checkpoint
-                        base_svd[n] = svd_lowrank(W0, min(extras.diag_k, *W0.shape), tol=1e-6, backend=backend)
-                    d = diagnostics(W0, W, extras.diag_k, extras.alpha, extras.eta, base_svd=base_svd[n],
-                                    backend=backend)
-                    j, jb = update_jaccard(W0, ckpts[i - 1][2][n], W, extras.eta) if i else (None, None)
-                    # the diagnostics counted the changed weights already: no second read for the sparsity
-                    per[n][step] = dict({"sparsity": 1.0 - d["changed_fraction"]}, **d, jaccard_prev=j,
-                                        jaccard_baseline=jb)
-                elif extras is not None:
-                    per[n][step] = {"sparsity": update_sparsity(W0, W, extras.eta)}
-            except ValueError as exc:
-                raise PipelineError(f"{path}: {exc}") from None
-            prog.step(n)
+
+    def kept(n, step):
+        return n in tr.modules and step in tr.steps(n)
+
+    def counted(n):  # the fused count serves as the sparsity of this module
+        return extras is not None and count_is_eta_rule(shape_of(base, n)[1], extras.eta)
+
+    # what to read, in order: the whole tensor where it is computed on, else (a kept
+    # observation) only the rows its fingerprint needs
+    plan = []
+    for n in names:
+        whole = [diag or not kept(n, s) or (extras is not None and not (
+            counted(n) and tr._obs[n][s].changed is not None)) for s, _, _ in ckpts]
+        plan.append((n, any(whole), whole))
+    jobs = []
+    for n, any_whole, whole in plan:
+        jobs.append((base, n, any_whole))
+        jobs.extend((w, n, wh) for (_, _, w), wh in zip(ckpts, whole))
+    total = sum(_nbytes(w, n) for w, n, wh in jobs if wh)
+    prog = _Progress(len(names) * len(ckpts), "tracking", quiet, total_bytes=total,
+                     unit=f"{len(names)} modules × {len(ckpts)} checkpoints")
+    reader = _Reader([(lambda w=w, n=n, wh=wh: w[n] if wh else _fingerprint_of(w, n)) for w, n, wh in jobs])
+    pending, last_save = [], -math.inf
+
+    def save_part():
+        nonlocal pending, last_save
+        if partial is not None and pending:
+            tr.save(f"{partial}-part-{time.time_ns():020d}", modules=pending)
+        pending, last_save = [], time.monotonic()
+
+    try:
+        for n, any_whole, whole in plan:
+            W0 = reader.next()  # (its fingerprint alone where nothing is computed on it)
+            base_svd, prev, new, first = None, None, False, any_whole
+            for (step, path, w), wh in zip(ckpts, whole):
+                W = reader.next()
+                try:
+                    if not kept(n, step):
+                        ob = tr.observe(step, {n: W}, {n: W0}, modules=[n])[n]
+                        new = True
+                    else:  # a resumed observation: it must come from these very weights
+                        ob, fp = tr._obs[n][step], tr.fingerprints(n)
+                        for what, key, got in (("base", "base", W0), (path, _fmt(step), W)):
+                            if key in fp and fp[key] != (got if isinstance(got, str) else _fingerprint(got)):
+                                raise PipelineError(f"--resume: module {n!r} of {what} is not what the tracker's "
+                                                    f"step {step:g} was computed from: it belongs to another run")
+                    if diag:
+                        if base_svd is None:  # W₀'s top-k serves every checkpoint
+                            base_svd = svd_lowrank(W0, min(extras.diag_k, *W0.shape), tol=1e-6, backend=backend)
+                        d = diagnostics(W0, W, extras.diag_k, extras.alpha, extras.eta, base_svd=base_svd,
+                                        backend=backend)
+                        j, jb = update_jaccard(W0, prev, W, extras.eta) if prev is not None else (None, None)
+                        # the diagnostics counted the changed weights already: no second read for the sparsity
+                        per[n][step] = dict({"sparsity": 1.0 - d["changed_fraction"]}, **d, jaccard_prev=j,
+                                            jaccard_baseline=jb)
+                        prev = W
+                    elif extras is not None:
+                        numel = math.prod(shape_of(base, n)[0])
+                        per[n][step] = {"sparsity": (1.0 - ob.changed / numel if numel else 1.0)
+                                        if counted(n) and ob.changed is not None
+                                        else update_sparsity(W0, W, extras.eta)}
+                except ValueError as exc:
+                    raise PipelineError(f"{path}: {exc}") from None
+                prog.step(n, (_nbytes(w, n) if wh else 0) + (_nbytes(base, n) if first else 0))
+                first = False
+            if new:
+                pending.append(n)
+                if time.monotonic() - last_save >= SAVE_EVERY_S:
+                    save_part()
+        save_part()
+    finally:
+        reader.close()
+        prog.close()
+    for step, _, _ in ckpts:
         if step in metrics:
             tr.set_metric(step, metrics[step])
-        if partial is not None and new and tr.modules:
-            tr.save(f"{partial}-step-{_fmt(step)}", steps=[step])
     return tr, per
+
+
+def _fingerprint(W) -> str:
+    from .track import fingerprint
+
+    return fingerprint(W)
+
+
+READ_AHEAD = 2  # tensors a series read runs ahead of the computation
+
+
+class _Reader:
+    """Runs read jobs in order on one background thread, at most READ_AHEAD ahead of
+    :meth:`next`. File reads release the GIL, so reading the next tensor overlaps computing
+    on the current one; an error surfaces at the :meth:`next` that wanted its tensor."""
+
+    def __init__(self, jobs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._jobs = iter(jobs)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyrank-read")
+        self._ahead = []
+        for _ in range(READ_AHEAD + 1):
+            self._submit()
+
+    def _submit(self):
+        job = next(self._jobs, None)
+        if job is not None:
+            self._ahead.append(self._pool.submit(job))
+
+    def next(self):
+        fut = self._ahead.pop(0)
+        self._submit()
+        return fut.result()
+
+    def close(self):
+        for f in self._ahead:
+            f.cancel()
+        self._ahead = []
+        self._pool.shutdown(wait=True)
 
 
 def _single():
@@ -687,11 +832,11 @@ def write_extrapolation(x: Extrapolation, series: Series, out: str, *, force: bo
               config_dtype="float32" if dtype is not None else None)
     if world.distributed:  # each rank writes its share of the tensors, rank 0 the index
         mine = shard_by_size([(n, _numel(x.source, n)) for n in x.source], world.size)[world.rank]
-        prog = _Progress(len(mine), f"writing (rank {world.rank})", opts.quiet)
-        write_hf_dir_sharded(out, merged, mine, world, progress=lambda i, n, name: prog.step(name), **kw)
+        with _writing(x.source, mine, f"writing (rank {world.rank})", opts.quiet) as step:
+            write_hf_dir_sharded(out, merged, mine, world, progress=step, **kw)
     else:
-        prog = _Progress(len(x.source), "writing", opts.quiet)
-        write_hf_dir(out, merged, progress=lambda i, n, name: prog.step(name), **kw)
+        with _writing(x.source, list(x.source), "writing", opts.quiet) as step:
+            write_hf_dir(out, merged, progress=step, **kw)
 
 
 # ------------------------------------------------------------------ reconstruct
@@ -741,11 +886,11 @@ def reconstruct_run(base: str, checkpoint: str, out: str, options: Optional[Reco
             raise PipelineError(f"{checkpoint}: module {n!r}: {exc}") from None
 
     rest, rest_path = (base_w, base) if options.rest == "base" else (ck, checkpoint)
-    prog = _Progress(len(rest), "reconstructing", options.quiet)
-    write_hf_dir(out, Overlay(rest, names, recon), base_dir=rest_path if os.path.isdir(rest_path) else None,
-                 inputs=[base, checkpoint], force=force, modified=names,
-                 extra_files={"pyrank_reconstruction.json": {"rank": options.rank, "scale": options.scale,
-                                                             "norm_match": options.norm_match,
-                                                             "rest": options.rest, "modules": names}},
-                 progress=lambda i, n, name: prog.step(name))
+    with _writing(rest, list(rest), "reconstructing", options.quiet) as step:
+        write_hf_dir(out, Overlay(rest, names, recon), base_dir=rest_path if os.path.isdir(rest_path) else None,
+                     inputs=[base, checkpoint], force=force, modified=names,
+                     extra_files={"pyrank_reconstruction.json": {"rank": options.rank, "scale": options.scale,
+                                                                 "norm_match": options.norm_match,
+                                                                 "rest": options.rest, "modules": names}},
+                     progress=step)
     return names

@@ -36,7 +36,8 @@ _FORMAT = "pyrank.Rank1Tracker/1"
 
 @dataclass
 class Observation:
-    """One module at one step: the raw SVD result (CPU, float32) and ‖ΔW‖_F."""
+    """One module at one step: the raw SVD result (CPU, float32), ‖ΔW‖_F and the number of
+    entries the update changed (W ≠ W₀; None in trackers saved before it was counted)."""
 
     S: Tensor  # (k,)
     U: Tensor  # (m, k)
@@ -45,6 +46,7 @@ class Observation:
     passes: int
     residual: Tensor  # (k,)
     converged: bool
+    changed: Optional[int] = None
 
 
 class Rank1Tracker:
@@ -109,7 +111,7 @@ class Rank1Tracker:
             except ValueError as exc:
                 raise ValueError(f"module {name!r} at step {step:g}: {exc}") from None
             ob = Observation(res.S.float().cpu(), res.U.float().cpu(), res.V.float().cpu(), fro,
-                             res.passes, res.residual.float().cpu(), res.converged)
+                             res.passes, res.residual.float().cpu(), res.converged, res.nnz)
             self._obs.setdefault(name, {})[step] = ob
             self._shapes[name] = tuple(W.shape)
             self._warm[name] = tuple(t.float().cpu() for t in res.basis)
@@ -349,17 +351,21 @@ class Rank1Tracker:
 
     # ------------------------------------------------------------ persistence
 
-    def save(self, path: str, *, steps: Optional[Sequence[float]] = None) -> None:
+    def save(self, path: str, *, steps: Optional[Sequence[float]] = None,
+             modules: Optional[Sequence[str]] = None) -> None:
         """Write the tracker to directory ``path`` (tracker.json + vectors.safetensors, no
         pickle), atomically. :meth:`load` resumes it exactly, warm starts included.
         ``steps``: only these steps' observations (the warm starts and metrics are always
         written) — what an interrupted analysis saves after each checkpoint, so that saving
-        stays proportional to the new work; :meth:`union` puts such parts together again."""
+        stays proportional to the new work; :meth:`union` puts such parts together again.
+        ``modules``: likewise, only these modules (with their warm starts)."""
         from safetensors.torch import save_file
 
         keep = None if steps is None else {_step(s) for s in steps}
         tensors, meta_obs = {}, {}
         for name, per in self._obs.items():
+            if modules is not None and name not in modules:
+                continue
             meta_obs[name] = {}
             for step, ob in per.items():
                 if keep is not None and step not in keep:
@@ -367,15 +373,16 @@ class Rank1Tracker:
                 key = f"{name}::{_fmt(step)}"
                 tensors[key + "::S"], tensors[key + "::U"] = ob.S.contiguous(), ob.U.contiguous()
                 tensors[key + "::V"], tensors[key + "::res"] = ob.V.contiguous(), ob.residual.contiguous()
-                meta_obs[name][_fmt(step)] = {"fro": ob.fro, "passes": ob.passes, "converged": ob.converged}
+                meta_obs[name][_fmt(step)] = {"fro": ob.fro, "passes": ob.passes, "converged": ob.converged,
+                                              "changed": ob.changed}
             wu, wv = self._warm[name]
             # clone: the warm basis may be the very tensors of the last observation (e.g. a
             # zero update), and safetensors refuses to write shared storage twice
             tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"] = wu.clone(), wv.clone()
         meta = {"format": _FORMAT, "k": self.k, "tol": self.tol, "backend": self.backend, "seed": self.seed,
-                "shapes": {n: list(s) for n, s in self._shapes.items()},
+                "shapes": {n: list(s) for n, s in self._shapes.items() if n in meta_obs},
                 "metrics": {_fmt(s): v for s, v in self._metrics.items()}, "observations": meta_obs,
-                "provenance": self._prov}
+                "provenance": {n: p for n, p in self._prov.items() if n in meta_obs}}
 
         def fill(d):
             save_file(tensors, os.path.join(d, "vectors.safetensors"))
@@ -414,7 +421,7 @@ class Rank1Tracker:
                     key = f"{name}::{step}"
                     tr._obs[name][float(step)] = Observation(
                         tensors[key + "::S"], tensors[key + "::U"], tensors[key + "::V"], d["fro"], d["passes"],
-                        tensors[key + "::res"], d["converged"])
+                        tensors[key + "::res"], d["converged"], d.get("changed"))
                 tr._warm[name] = (tensors[f"{name}::warm::U"], tensors[f"{name}::warm::V"])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: incomplete tracker (missing {exc})") from None
@@ -443,11 +450,17 @@ class Rank1Tracker:
 def fingerprint(W: Tensor) -> str:
     """A short hash of a weight's shape, dtype and first and last rows: enough to tell two
     runs' (or two checkpoints') weights apart without reading them again."""
+    rows = W.reshape(W.shape[0], -1) if W.dim() else W.reshape(1, 1)
+    return fingerprint_rows(tuple(W.shape), str(W.dtype), rows[:1], rows[-1:])
+
+
+def fingerprint_rows(shape, dtype: str, first: Tensor, last: Tensor) -> str:
+    """:func:`fingerprint` from the shape, the dtype's torch name and the first and last rows
+    alone (what a reader that can read a row range needs to fetch)."""
     import hashlib
 
-    h = hashlib.sha1(f"{tuple(W.shape)} {W.dtype}".encode())
-    rows = W.reshape(W.shape[0], -1) if W.dim() else W.reshape(1, 1)
-    for r in (rows[:1], rows[-1:]):
+    h = hashlib.sha1(f"{tuple(shape)} {dtype}".encode())
+    for r in (first, last):
         h.update(r.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 

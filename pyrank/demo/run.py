@@ -69,9 +69,18 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr for a training phase (silent with ``quiet`` or off a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty())
+
+
 def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False, force: bool = False,
-             settings: DemoSettings | None = None) -> dict:
+             settings: DemoSettings | None = None, quiet: bool = False) -> dict:
     """Run the whole demo into directory ``out``; returns the report (also ``out/report.json``).
+    ``quiet``: no progress bars (there are none off a terminal either).
 
     ``out`` must not exist unless ``force``; on any failure nothing is left there (an old
     ``out`` replaced with ``force`` is restored)."""
@@ -90,7 +99,7 @@ def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False
         os.rename(out, os.path.join(old, "x"))
     os.makedirs(out)
     try:
-        report = _run(out, st, seed, algo)
+        report = _run(out, st, seed, algo, quiet)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         if old:
@@ -102,7 +111,7 @@ def run_demo(out: str, *, seed: int = 0, algo: str = "grpo", quick: bool = False
     return report
 
 
-def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
+def _run(out: str, st: DemoSettings, seed: int, algo: str, quiet: bool = False) -> dict:
     from .. import pipeline
     from ..extrapolate import Overlay, rank_k_reconstruction
     from ..temporal import temporal_extrapolate
@@ -121,7 +130,9 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
          f"{len(test.prompts)} test problems); model: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
          f"{n_params / 1e3:.0f}k parameters")
 
-    supervised(model, train, steps=st.sft_steps, batch=st.sft_batch, lr=st.sft_lr, generator=gen)
+    with _bar(st.sft_steps, "SFT", quiet) as bar:
+        supervised(model, train, steps=st.sft_steps, batch=st.sft_batch, lr=st.sft_lr, generator=gen,
+                   log=lambda step, loss: (bar.set_postfix_str(f"loss {loss:.3f}", refresh=False), bar.update()))
     base_dir, run_dir = os.path.join(out, "base"), os.path.join(out, "run")
     save_checkpoint(model, base_dir, {"global_step": 0})
     evaluator = DemoLM(cfg)  # evaluates what was saved (bf16), not the fp32 master weights
@@ -138,14 +149,17 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     curve, val_acc = [], {0: acc_of(base_w, val)}
 
     def on_step(step, stats):
+        bar.set_postfix_str(f"reward {stats['reward']:.3f}", refresh=False)
+        bar.update()
         curve.append(dict(step=step, **stats))
         if step % st.save_every == 0 or step == st.rl_steps:
             d = os.path.join(run_dir, f"checkpoint-{step}")
             save_checkpoint(model, d, {"global_step": step})
             val_acc[step] = acc_of(open_weights(d), val)
 
-    rl(model, train, steps=st.rl_steps, prompts_per_step=st.prompts_per_step, group=st.group, lr=st.rl_lr,
-       generator=gen, algo=algo, gamma=st.gamma, on_step=on_step)
+    with _bar(st.rl_steps, algo.upper(), quiet) as bar:
+        rl(model, train, steps=st.rl_steps, prompts_per_step=st.prompts_per_step, group=st.group, lr=st.rl_lr,
+           generator=gen, algo=algo, gamma=st.gamma, on_step=on_step)
     with open(os.path.join(run_dir, "val_accuracy.csv"), "w") as f:
         f.write("step,value\n" + "".join(f"{s},{v}\n" for s, v in val_acc.items() if s > 0))
     ckpts = find_checkpoints(run_dir)
@@ -160,7 +174,7 @@ def _run(out: str, st: DemoSettings, seed: int, algo: str) -> dict:
     _say(f"[4/5] pyrank analyze {base_dir} --run-dir {run_dir} --metrics {run_dir}/val_accuracy.csv "
          f"--diagnostics --out {out}/analysis")
     series = pipeline.open_series(base_dir, run_dir=run_dir, metrics=os.path.join(run_dir, "val_accuracy.csv"))
-    result = pipeline.analyze_run(series, pipeline.AnalyzeOptions(diagnostics=True))
+    result = pipeline.analyze_run(series, pipeline.AnalyzeOptions(diagnostics=True, quiet=quiet))
     pipeline.write_analysis(result, os.path.join(out, "analysis"), inputs=series.inputs)
     print_summary(result.report)
     print_diagnostics(result.report)
