@@ -188,19 +188,31 @@ def read_all(files) -> dict:
     return {"wall_s": time.perf_counter() - t, "bytes": total, "disk_bytes": disk_read_bytes() - d0, "rss_mb": 0.0}
 
 
+# Runs the CLI in a child that reports its own peak RSS (VmHWM belongs to the process image
+# after exec; ru_maxrss would also count the pages this parent shared with it at fork).
+_CHILD = """import atexit, sys
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(sys.argv[1], 'w').write(line.split()[1])
+atexit.register(hwm)
+from pyrank.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def run_analyze(root, k, out, threads):
-    cmd = [sys.executable, "-m", "pyrank", "analyze", os.path.join(root, "base"), "--run-dir",
+    hwm = out + ".hwm"
+    cmd = [sys.executable, "-c", _CHILD, hwm, "analyze", os.path.join(root, "base"), "--run-dir",
            os.path.join(root, "run"), "--k", str(k), "--out", out, "--force", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     d0, t = disk_read_bytes(), time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise SystemExit(f"pyrank analyze failed ({proc.returncode}): {err}")
-    return {"wall_s": wall, "disk_bytes": disk_read_bytes() - d0, "rss_mb": ru.ru_maxrss / 1024.0}
+        raise SystemExit(f"pyrank analyze failed ({proc.returncode}): {proc.stderr}")
+    rss = int(open(hwm).read()) / 1024.0 if os.path.exists(hwm) else float("nan")
+    return {"wall_s": wall, "disk_bytes": disk_read_bytes() - d0, "rss_mb": rss}
 
 
 def kernel_bandwidth(shape, k):

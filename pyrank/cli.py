@@ -34,6 +34,11 @@ EXAMPLES = {
   pyrank demo --quick --out /tmp/d  # < 1 min, smaller run
   pyrank demo --algo hpt --seed 1 --out demo-hpt/""",
     "env": "example:\n  pyrank env",
+    "watch": """examples:
+  pyrank watch runs/grpo --base Qwen2.5-1.5B --out watch-report
+  pyrank watch runs/grpo --base Qwen2.5-1.5B --out watch-report --interval 60 --idle-exit 3600
+Stops on Ctrl-C (or SIGTERM, or --idle-exit); the report is rewritten atomically after each
+checkpoint, so it is whole whenever it stops.""",
 }
 
 
@@ -153,6 +158,32 @@ def _build_parser() -> argparse.ArgumentParser:
     quiet_arg(d)
     d.set_defaults(func=_cmd_demo)
 
+    wa = sub.add_parser("watch", help="follow a training run: analyze each checkpoint as soon as it is complete",
+                        description="Analyze every checkpoint of RUN_DIR, then wait for new ones and analyze "
+                                    "each once it is complete (its files parse whole and have settled; in a "
+                                    "verl run, once latest_checkpointed_iteration.txt has reached it), "
+                                    "warm-started from the last; report.json, modules.csv, plots and tracker/ "
+                                    "in --out are rewritten after each.", epilog=EXAMPLES["watch"],
+                        formatter_class=fmt)
+    wa.add_argument("run_dir", help="the training run's output directory (checkpoint-N/, global_step_N/actor/"
+                                    "huggingface/ or global_stepN_hf/ folders)")
+    wa.add_argument("--base", required=True, help="the base model (before RL)")
+    wa.add_argument("--out", required=True, help="report directory (must not exist, unless --force)")
+    wa.add_argument("--k", type=int, default=1, help="singular triplets per module (default 1)")
+    wa.add_argument("--eta", type=float, default=1e-3, help="as in analyze (default 1e-3)")
+    wa.add_argument("--include", action="append", default=[], metavar="REGEX")
+    wa.add_argument("--exclude", action="append", default=[], metavar="REGEX")
+    wa.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    wa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    wa.add_argument("--interval", type=float, default=30.0, help="seconds between looks at RUN_DIR (default 30)")
+    wa.add_argument("--settle", type=float, default=10.0,
+                    help="seconds a checkpoint's files must stay unchanged before it is read (default 10)")
+    wa.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                    help="stop after this long without a new checkpoint (default: run until Ctrl-C)")
+    wa.add_argument("--force", action="store_true", help="replace an existing --out")
+    quiet_arg(wa)
+    wa.set_defaults(func=_cmd_watch)
+
     env = sub.add_parser("env", help="print versions and which backends are available (and why not)",
                          description="Print versions, devices, CPU features and the status of every backend.",
                          epilog=EXAMPLES["env"], formatter_class=fmt)
@@ -270,6 +301,26 @@ def _cmd_reconstruct(args) -> int:
                                      exclude=args.exclude, device=args.device, force=args.force)
     print(f"wrote {args.out}: rank-{args.rank} reconstruction of {len(names)} modules, every other tensor "
           f"from the {args.rest}")
+    return 0
+
+
+def _cmd_watch(args) -> int:
+    from . import pipeline
+
+    options = pipeline.WatchOptions(k=args.k, backend=args.backend, eta=args.eta, interval=args.interval,
+                                    settle=args.settle, idle_exit=args.idle_exit, quiet=args.quiet)
+    options.check()
+    _check_writable(args.out)
+    last = {}
+    try:
+        pipeline.watch_run(args.base, args.run_dir, args.out, options, include=args.include, exclude=args.exclude,
+                           device=args.device, force=args.force, on_update=lambda a: last.update(a=a))
+    except (KeyboardInterrupt, SystemExit):
+        if not pipeline.signals():
+            raise
+    n = len(last["a"].report["checkpoints"]) if last else 0
+    print(f"pyrank watch: stopped; {args.out} holds the report of {n} checkpoint(s)" if n else
+          f"pyrank watch: stopped before any checkpoint was complete; nothing written to {args.out}")
     return 0
 
 

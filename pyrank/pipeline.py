@@ -32,7 +32,7 @@ __all__ = [
     "PipelineError", "Series", "open_series", "checkpoint_list", "read_metrics", "resolve_device",
     "AnalyzeOptions", "Analysis", "analyze_run", "write_analysis", "partial_dir", "RESUME_INTERRUPTED",
     "ExtrapolateOptions", "Extrapolation", "extrapolate_run", "write_extrapolation",
-    "ReconstructOptions", "reconstruct_run",
+    "ReconstructOptions", "reconstruct_run", "WatchOptions", "watch_run",
 ]
 
 
@@ -715,6 +715,134 @@ def write_analysis(analysis: Analysis, out: str, *, force: bool = False, inputs:
     check_output(out, inputs, force)
     atomic_dir(out, fill, replace=force)
     shutil.rmtree(partial_dir(out), ignore_errors=True)
+
+
+# ------------------------------------------------------------------ watch
+
+
+@dataclass
+class WatchOptions:
+    """Following a run while it trains (:func:`watch_run`): the analysis' ``k``/``backend``/
+    ``eta``; ``interval`` seconds between looks at the run directory; a checkpoint is taken
+    once its files parse whole and have not changed for ``settle`` seconds (and, in a verl
+    run, once ``latest_checkpointed_iteration.txt`` has reached its step); ``idle_exit``:
+    stop after that many seconds without a new checkpoint (None: only on Ctrl-C/SIGTERM)."""
+
+    k: int = 1
+    backend: str = "auto"
+    eta: float = 1e-3
+    interval: float = 30.0
+    settle: float = 10.0
+    idle_exit: Optional[float] = None
+    quiet: bool = False
+
+    def check(self):
+        _check_options(self, positive=("k",), finite=("eta", "interval", "settle"))
+        if self.interval <= 0 or self.settle < 0 or (self.idle_exit is not None and not self.idle_exit > 0):
+            raise PipelineError("--interval must be > 0, --settle >= 0 and --idle-exit > 0")
+
+
+VERL_MARKER = "latest_checkpointed_iteration.txt"  # verl writes it once a checkpoint is saved whole
+
+
+def _candidates(run_dir: str) -> List[Tuple[float, str]]:
+    from .io import PyrankIOError, find_checkpoints
+
+    try:
+        return [(float(s), p) for s, p in find_checkpoints(run_dir)]
+    except PyrankIOError:
+        if not os.path.isdir(run_dir):
+            raise
+        return []  # none yet
+
+
+def _files_of(weights, path) -> List[str]:
+    files = getattr(weights, "_files", None)
+    return sorted(set(files.values())) if files else [path]
+
+
+class _Settled:
+    """Which checkpoints of a run are complete: their weights open and check whole (index,
+    every shard, every tensor's bytes inside its file), the framework's marker (verl's
+    latest iteration) has reached them, and their files' sizes and times have not moved for
+    ``settle`` seconds. A checkpoint still being written fails one of the three."""
+
+    def __init__(self, run_dir: str, settle: float):
+        self.run_dir, self.settle, self.seen = run_dir, settle, {}
+
+    def __call__(self, step: float, path: str) -> bool:
+        import time
+
+        from .io import PyrankIOError, open_weights
+
+        marker = os.path.join(self.run_dir, VERL_MARKER)
+        if os.path.exists(marker):
+            try:
+                with open(marker) as f:
+                    if step > float(f.read().strip() or "-inf"):
+                        return False
+            except (OSError, ValueError):
+                return False  # being rewritten
+        try:
+            files = _files_of(open_weights(path), path)
+            stamp = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
+        except (PyrankIOError, OSError):
+            self.seen.pop(path, None)
+            return False
+        now = time.monotonic()
+        first = self.seen.get(path)
+        if first is None or first[0] != stamp:
+            self.seen[path] = (stamp, now)
+            return self.settle == 0
+        return now - first[1] >= self.settle
+
+
+def watch_run(base: str, run_dir: str, out: str, options: Optional[WatchOptions] = None, *,
+              include: Sequence[str] = (), exclude: Sequence[str] = (), device: str = "auto",
+              force: bool = False, on_update=None) -> Optional[Analysis]:
+    """Follow a training run: analyze each new checkpoint of ``run_dir`` as soon as it is
+    complete (see :class:`_Settled`), warm-started from the last, and rewrite ``out``
+    (report.json, modules.csv, plots, tracker/) after each — atomically, so ``out`` always
+    holds a whole report. Returns the last analysis when ``idle_exit`` passes; an
+    interruption (KeyboardInterrupt, SystemExit) propagates with ``out`` intact.
+    ``on_update(analysis)`` is called after each write."""
+    import time
+
+    from .io.writers import check_output
+
+    options = options or WatchOptions()
+    options.check()
+    dev = resolve_device(device)
+    base_w = _open(base, dev)
+    names = select(base_w, include, exclude)
+    check_series(base_w, [], names, options.k)
+    inputs = [base, run_dir]
+    check_output(out, inputs, force)
+    aopts = AnalyzeOptions(k=options.k, backend=options.backend, eta=options.eta, quiet=options.quiet)
+    settled = _Settled(run_dir, options.settle)
+    done: List[Tuple[float, str, Mapping]] = []
+    tr, per, result = None, {n: {} for n in names}, None
+    last_new = time.monotonic()
+    while True:
+        fresh = [(s, p) for s, p in _candidates(run_dir) if s not in {d[0] for d in done} and settled(s, p)]
+        for step, path in fresh:
+            ckpt = (step, path, _open(path, dev))
+            check_series(base_w, [ckpt], names, options.k)
+            series = Series(base, base_w, sorted(done + [ckpt], key=lambda c: c[0]), names, {}, run_dir)
+            tr, new = _track(series, [ckpt], names, options.k, options.backend, aopts, tr, None, options.quiet)
+            for n in names:
+                per[n].update(new[n])
+            done = series.checkpoints
+            result = _build_report(series, aopts, tr, per)
+            write_analysis(result, out, force=force or len(done) > 1, inputs=inputs)
+            if not options.quiet:
+                _say(f"pyrank watch: step {step:g} analyzed ({len(done)} checkpoint(s)); {out} updated")
+            if on_update is not None:
+                on_update(result)
+            last_new = time.monotonic()
+        if options.idle_exit is not None and time.monotonic() - last_new >= options.idle_exit:
+            return result
+        time.sleep(options.interval)
 
 
 # ------------------------------------------------------------------ extrapolate
