@@ -74,6 +74,33 @@ def test_torchrun_analyze_equals_single_process(tmp_path, run):
     assert p2.stdout.count("wrote ") == 1  # rank 0 reports, once
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_a_c10d_rendezvous_equal_single_process(tmp_path, run):
+    """`torchrun --nnodes 2 --nproc-per-node 1` with a c10d rendezvous, the two "nodes" being two
+    launchers on this machine sharing its filesystem, as two hosts share a network one."""
+    args = ["analyze", run / "base", "--run-dir", run / "run", "--k", "2"]
+    p1 = single(*args, "--out", tmp_path / "one")
+    assert p1.returncode == 0, p1.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}", "--rdzv-id=pyrank-test",
+              "-m", "pyrank", *map(str, args), "--out", str(tmp_path / "two")]
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs
+    assert sum(o.count("wrote ") for o, _ in outs) == 1  # global rank 0 writes, on one node
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert json.loads((one / "report.json").read_text()) == json.loads((two / "report.json").read_text())
+    assert (one / "modules.csv").read_text() == (two / "modules.csv").read_text()
+
+
 def test_torchrun_extrapolate_equals_single_process(tmp_path, run):
     args = ["extrapolate", run / "base", "--run-dir", run / "run", "--window", "0:30", "--to-step", "50"]
     p1 = single(*args, "--out", tmp_path / "one")
