@@ -47,6 +47,7 @@ from common import emit, machine, markdown_table  # noqa: E402
 SHAPES = {  # hidden, intermediate, kv dim, vocabulary, layers, tied embeddings
     "1.5b": dict(hidden=1536, mlp=8960, kv=256, vocab=151936, layers=28, tied=True),
     "7b": dict(hidden=3584, mlp=18944, kv=512, vocab=152064, layers=28, tied=False),
+    "tiny": dict(hidden=64, mlp=160, kv=16, vocab=100, layers=2, tied=False),  # the test suite's smoke run
 }
 SHARD_BYTES = 1 << 30  # HF-style shards of about this size
 
@@ -356,7 +357,7 @@ def main():
             ("peak RSS (MB)", "rss_mb", "{:.0f}"), ("median passes", "passes", "{}"), ("accuracy", "accuracy", "{}")]
     head = (f"## bench_series: `pyrank analyze` on a {args.shape}-shaped series ({layers} layers, base + "
             f"{args.steps} checkpoints, {total / gb:.1f} GB in {len(files)} files, "
-            f"{len(report['modules'])} modules)\n\n{machine()}\n\n")
+            f"{len(report['modules'])} modules)\n\nMachine: {machine()}\n\n")
     if not cold_ok:
         head += ("Cold runs could not drop the page cache here (the disk read column shows what was read): "
                  "their numbers are warm-cache numbers.\n\n")

@@ -19,6 +19,7 @@ CASES = {
                        "--model-mlp", "96"],
     "bench_lowrank": ["--small", "--repeats", "1"],
     "bench_io": ["--layers", "1", "--hidden", "64", "--mlp", "128", "--checkpoints", "2"],
+    "bench_series": ["--shape", "tiny", "--steps", "2"],
 }
 
 

@@ -36,7 +36,7 @@ def main(arch: int):
     for dt, tdt in (("bf16", tl.bfloat16), ("fp16", tl.float16), ("fp32", tl.float32)):
         full = dt == "bf16"
         p = "*" + dt
-        sig = dict(p_a=p, p_b=p, p_x="*fp32", p_y="*fp32", p_px="*fp32", p_py="*fp32", p_sq="*fp32",
+        sig = dict(p_a=p, p_b=p, p_x="*fp32", p_y="*fp32", p_px="*fp32", p_py="*fp32", p_sq="*fp32", p_nz="*i64",
                    m="i32", n="i32", kx="i32", ky="i32", PM="i32", PN="i32", s_am="i32", s_an="i32", s_bm="i32",
                    s_bn="i32", s_xn="i32", s_xk="i32", s_ym="i32", s_yk="i32")
         for i, cfg in enumerate(configs(delta._delta_products_kernel, {"BM": 64, "BN": 64, "num_warps": 4})):
