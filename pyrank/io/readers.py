@@ -289,10 +289,32 @@ def open_weights(path: str) -> Mapping:
     for name in _PT_NAMES:
         if os.path.exists(os.path.join(path, name)):
             return _load_pt(os.path.join(path, name))
+    dcp = _dcp_weights(path)
+    if dcp is not None:
+        return dcp
     if os.path.exists(os.path.join(path, _PT_INDEX)):
         raise PyrankIOError(f"{path}: sharded .bin checkpoints are not supported; convert to safetensors")
-    raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, "
-                        "or a .pt/.bin state dict)")
+    raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, a .pt/.bin "
+                        "state dict, or a torch Distributed Checkpoint: .metadata with .distcp files, or "
+                        "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it)")
+
+
+def _dcp_weights(path: str):
+    """A torch Distributed Checkpoint in ``path``, or in its one ``pytorch_model_fsdp_*/``
+    (HF Trainer/accelerate FSDP SHARDED_STATE_DICT, whose keys carry accelerate's ``model.``)."""
+    from .dcp import DCPWeights, is_dcp
+
+    if is_dcp(path):
+        return DCPWeights(path)
+    subs = sorted(d for d in os.listdir(path) if d.startswith("pytorch_model_fsdp_") and is_dcp(os.path.join(path, d)))
+    if len(subs) > 1:
+        raise PyrankIOError(f"{path}: several FSDP model checkpoints ({', '.join(subs)}); give one of them")
+    if subs:
+        w = DCPWeights(os.path.join(path, subs[0]))
+        if w and all(n.startswith("model.") for n in w):
+            w.strip_prefix("model.")
+        return w
+    return None
 
 
 _PATTERNS = [  # (regex on the entry name, where the weights are inside it)

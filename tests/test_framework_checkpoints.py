@@ -1,0 +1,90 @@
+"""Checkpoints as training frameworks write them, read without merging them first: fixtures
+written by the real writers (torch FSDP2 + torch.distributed.checkpoint under torchrun), each
+compared with the same weights in HF format."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pyrank.io import PyrankIOError, find_checkpoints, open_weights
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        os.path.join(HERE, "fsdp_save_script.py"), str(out)], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pyrank", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+def test_dcp_checkpoints_read_as_the_same_tensors(fsdp_run):
+    steps = [s for s, _ in find_checkpoints(fsdp_run / "dcp")]
+    assert steps == [2, 4, 6]
+    for s in steps:
+        ref = load_file(fsdp_run / "hf" / f"checkpoint-{s}" / "model.safetensors")
+        w = open_weights(str(fsdp_run / "dcp" / f"checkpoint-{s}"))
+        assert set(w) == set(ref)  # accelerate's "model." prefix is gone: the model's own names
+        for n, t in ref.items():
+            assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
+            assert torch.equal(w[n], t), n
+
+
+def test_analyze_and_extrapolate_a_dcp_series_as_its_hf_twin(fsdp_run, tmp_path):
+    base = fsdp_run / "base"
+    for kind in ("dcp", "hf"):
+        p = cli("analyze", base, "--run-dir", fsdp_run / kind, "--k", "2", "--out", tmp_path / f"a-{kind}", "--quiet")
+        assert p.returncode == 0, p.stderr
+        p = cli("extrapolate", base, "--run-dir", fsdp_run / kind, "--to-step", "10", "--out",
+                tmp_path / f"x-{kind}", "--quiet")
+        assert p.returncode == 0, p.stderr
+    a = json.load(open(tmp_path / "a-dcp" / "report.json"))
+    b = json.load(open(tmp_path / "a-hf" / "report.json"))
+    assert a["modules"] == b["modules"]  # same σ, vectors' drift, sparsity, R², passes
+    # the predicted models: written over the last checkpoint of each layout, tensor for tensor equal
+    xa = open_weights(str(tmp_path / "x-dcp"))
+    xb = open_weights(str(tmp_path / "x-hf"))
+    assert set(xa) == set(xb)
+    assert all(torch.equal(xa[n], xb[n]) for n in xb)
+
+
+def test_a_half_written_dcp_checkpoint_is_named(fsdp_run, tmp_path):
+    ck = tmp_path / "checkpoint-2"
+    shutil.copytree(fsdp_run / "dcp" / "checkpoint-2", ck)
+    shard = ck / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PyrankIOError, match="__1_0.distcp: .*truncated"):
+        open_weights(str(ck))
+    shard.unlink()
+    with pytest.raises(PyrankIOError, match="__1_0.distcp: chunk file named by .* is missing"):
+        open_weights(str(ck))
+
+
+def test_dcp_metadata_is_never_unpickled_freely(tmp_path):
+    """A .metadata that would run code when unpickled is refused by name, and runs nothing."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PyrankIOError, match=r"\.metadata: not a readable DCP metadata file .*not allowed"):
+        open_weights(str(d))
+    assert not (tmp_path / "pwned").exists()
