@@ -233,6 +233,9 @@ def _open_series(args, options):
                                   metrics=args.metrics, include=args.include, exclude=args.exclude,
                                   device=args.device, k=args.k)
     check_output(args.out, series.inputs, args.force)
+    if args.debug:  # which reader each input got
+        for what, w in [(args.base, series.base)] + [(p, w) for _, p, w in series.checkpoints]:
+            print(f"pyrank: debug: {what}: {getattr(w, 'layout', type(w).__name__)}", file=sys.stderr)
     return series
 
 

@@ -758,7 +758,9 @@ def _candidates(run_dir: str) -> List[Tuple[float, str]]:
 
 def _files_of(weights, path) -> List[str]:
     files = getattr(weights, "_files", None)
-    return sorted(set(files.values())) if files else [path]
+    if isinstance(files, dict):
+        return sorted(set(files.values()))
+    return sorted(files) if files else [path]
 
 
 class _Settled:

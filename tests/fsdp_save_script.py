@@ -5,6 +5,11 @@ torch's own writers, not imitations:
 * <out>/dcp/checkpoint-S/pytorch_model_fsdp_0/: torch.distributed.checkpoint.save of
   {"model": model.state_dict()} (the sharded DTensor state dict), as accelerate's
   save_fsdp_model does for HF Trainer FSDP runs with SHARDED_STATE_DICT;
+* <out>/verl/global_step_S/actor/model_world_size_2_rank_R.pt: torch.save of each rank's
+  sharded state dict (DTensors), with fsdp_config.json, huggingface/config.json and the
+  run's latest_checkpointed_iteration.txt — the files and names verl's
+  FSDPCheckpointManager.save_checkpoint writes (verl itself is not installed here: its save
+  is this torch.save of model.state_dict() under FSDP2);
 * <out>/hf/checkpoint-S/model.safetensors: the same weights gathered whole (fp32), the
   reference the readers are compared with; <out>/base: the weights before training.
 """
@@ -54,6 +59,18 @@ for step in range(1, 7):
         ck = f"checkpoint-{step}"
         dcp.save({"model": model.state_dict()}, checkpoint_id=os.path.join(out, "dcp", ck, "pytorch_model_fsdp_0"))
         save_hf(os.path.join(out, "hf", ck))
+        actor = os.path.join(out, "verl", f"global_step_{step}", "actor")
+        os.makedirs(actor, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(actor, f"model_world_size_2_rank_{rank}.pt"))
+        dist.barrier()
+        if rank == 0:
+            os.makedirs(os.path.join(actor, "huggingface"), exist_ok=True)
+            with open(os.path.join(actor, "huggingface", "config.json"), "w") as f:
+                json.dump(model.config.to_hf(), f)
+            with open(os.path.join(actor, "fsdp_config.json"), "w") as f:
+                json.dump({"FSDP_version": 2, "world_size": 2}, f, indent=4)
+            with open(os.path.join(out, "verl", "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(step))
 dist.barrier()
 dist.destroy_process_group()
 # Every file is written and closed (the barrier follows the last save). Leave without

@@ -88,3 +88,49 @@ def test_dcp_metadata_is_never_unpickled_freely(tmp_path):
     with pytest.raises(PyrankIOError, match=r"\.metadata: not a readable DCP metadata file .*not allowed"):
         open_weights(str(d))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_verl_fsdp2_rank_files_read_as_the_same_tensors(fsdp_run):
+    found = find_checkpoints(fsdp_run / "verl")
+    assert [s for s, _ in found] == [2, 4, 6] and all(p.endswith("actor") for _, p in found)
+    for s, path in found:
+        ref = load_file(fsdp_run / "hf" / f"checkpoint-{s}" / "model.safetensors")
+        w = open_weights(path)
+        assert set(w) == set(ref)
+        for n, t in ref.items():
+            assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
+            assert torch.equal(w[n], t), n
+
+
+def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path):
+    base = fsdp_run / "base"
+    for kind in ("verl", "hf"):
+        p = cli("--debug", "analyze", base, "--run-dir", fsdp_run / kind, "--k", "2", "--out", tmp_path / kind,
+                "--quiet")
+        assert p.returncode == 0, p.stderr
+        assert f"debug: {base}: safetensors" in p.stderr  # which reader each input got
+        assert ("verl FSDP2 rank files (world size 2)" if kind == "verl" else "checkpoint-6: safetensors") in p.stderr
+    a = json.load(open(tmp_path / "verl" / "report.json"))
+    b = json.load(open(tmp_path / "hf" / "report.json"))
+    assert a["modules"] == b["modules"]
+
+
+def test_a_half_written_verl_checkpoint_is_named(fsdp_run, tmp_path):
+    actor = tmp_path / "global_step_2" / "actor"
+    shutil.copytree(fsdp_run / "verl" / "global_step_2" / "actor", actor)
+    (actor / "model_world_size_2_rank_1.pt").rename(tmp_path / "aside.pt")
+    with pytest.raises(PyrankIOError, match=r"model_world_size_2_rank_1\.pt: missing .*world size 2"):
+        open_weights(str(actor))
+    data = (tmp_path / "aside.pt").read_bytes()
+    (actor / "model_world_size_2_rank_1.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PyrankIOError, match=r"model_world_size_2_rank_1\.pt: not loadable"):
+        open_weights(str(actor))
+    (actor / "model_world_size_2_rank_1.pt").write_bytes(data)
+    (actor / "model_world_size_4_rank_0.pt").write_bytes(data)
+    with pytest.raises(PyrankIOError, match="rank files of world size 4, but .*says 2"):
+        open_weights(str(actor))
+    (actor / "model_world_size_4_rank_0.pt").unlink()
+    cfg = json.loads((actor / "fsdp_config.json").read_text())
+    (actor / "fsdp_config.json").write_text(json.dumps(dict(cfg, FSDP_version=1)))
+    with pytest.raises(PyrankIOError, match="FSDP1 sharded checkpoints .* not read yet"):
+        open_weights(str(actor))

@@ -64,6 +64,8 @@ def _short(exc) -> str:
 class DCPWeights(Mapping):
     """name → tensor of a DCP directory (see the module doc)."""
 
+    layout = "torch Distributed Checkpoint (.metadata + .distcp)"
+
     def __init__(self, path: str):
         from .readers import _regular_file
 

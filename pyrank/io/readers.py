@@ -83,6 +83,8 @@ class LazyWeights(Mapping):
     process's RSS, and analyzing a series would then look (and, under memory pressure,
     act) like holding every model whole. Headers are parsed once, when opened."""
 
+    layout = "safetensors"
+
     def __init__(self, files: Dict[str, str], source: str, headers: Optional[Dict[str, Dict[str, _Entry]]] = None):
         self._files = files  # tensor name -> file path
         self._headers = dict(headers or {})  # file path -> its entries
@@ -188,6 +190,7 @@ class _EagerWeights(dict):
     """A state dict loaded whole (``.pt``/``.bin``: pickle-based formats cannot be read lazily)."""
 
     source = ""
+    layout = "torch.save state dict (loaded whole)"
 
     def file_of(self, name):
         return self.source
@@ -292,11 +295,17 @@ def open_weights(path: str) -> Mapping:
     dcp = _dcp_weights(path)
     if dcp is not None:
         return dcp
+    from .fsdp import FSDPShardedWeights, is_verl_fsdp
+
+    for d in (path, os.path.join(path, "actor")):  # verl: global_step_N/actor/
+        if is_verl_fsdp(d):
+            return FSDPShardedWeights(d)
     if os.path.exists(os.path.join(path, _PT_INDEX)):
         raise PyrankIOError(f"{path}: sharded .bin checkpoints are not supported; convert to safetensors")
     raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, a .pt/.bin "
-                        "state dict, or a torch Distributed Checkpoint: .metadata with .distcp files, or "
-                        "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it)")
+                        "state dict, a torch Distributed Checkpoint: .metadata with .distcp files, or "
+                        "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it, or verl's FSDP rank files "
+                        "model_world_size_W_rank_R.pt with fsdp_config.json)")
 
 
 def _dcp_weights(path: str):
@@ -317,11 +326,25 @@ def _dcp_weights(path: str):
     return None
 
 
-_PATTERNS = [  # (regex on the entry name, where the weights are inside it)
-    (re.compile(r"^checkpoint-(\d+)$"), ""),
-    (re.compile(r"^global_step_(\d+)$"), os.path.join("actor", "huggingface")),
-    (re.compile(r"^global_step(\d+)_hf$"), ""),
+_PATTERNS = [  # (regex on the entry name, where the weights may be inside it, first found wins)
+    (re.compile(r"^checkpoint-(\d+)$"), ("",)),
+    # verl: HF weights only with hf_model in checkpoint.save_contents, else the FSDP rank files
+    (re.compile(r"^global_step_(\d+)$"), (os.path.join("actor", "huggingface"), "actor")),
+    (re.compile(r"^global_step(\d+)_hf$"), ("",)),
 ]
+
+
+def _has_weights(d: str) -> bool:
+    """Whether directory ``d`` holds model weights in a layout open_weights reads."""
+    from .dcp import is_dcp
+    from .fsdp import is_verl_fsdp
+
+    if not os.path.isdir(d):
+        return False
+    names = os.listdir(d)
+    return (any(f.endswith(".safetensors") or f in _PT_NAMES or f == _INDEX for f in names)
+            or is_dcp(d) or is_verl_fsdp(d)
+            or any(f.startswith("pytorch_model_fsdp_") and is_dcp(os.path.join(d, f)) for f in names))
 
 
 def _trainer_step(d: str) -> Optional[int]:
@@ -345,6 +368,8 @@ def step_of(path: str) -> Optional[int]:
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     if parts[-2:] == ["actor", "huggingface"]:  # verl
         parts = parts[:-2]
+    elif parts[-1:] == ["actor"]:  # verl's FSDP rank files
+        parts = parts[:-1]
     d = os.sep.join(parts)
     st = _trainer_step(d) if os.path.isdir(d) else None
     if st is not None:
@@ -366,11 +391,13 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
         raise PyrankIOError(f"{run_dir}: not a directory")
     found: Dict[int, str] = {}
     for entry in sorted(os.listdir(run_dir)):
-        for pat, inner in _PATTERNS:
+        for pat, inners in _PATTERNS:
             mt = pat.match(entry)
             if not mt:
                 continue
-            d = os.path.join(run_dir, entry, inner) if inner else os.path.join(run_dir, entry)
+            dirs = [os.path.join(run_dir, entry, i) if i else os.path.join(run_dir, entry) for i in inners]
+            have = [d for d in dirs if _has_weights(d)]
+            d = have[0] if have else dirs[0]
             if not os.path.isdir(d):
                 continue
             step = step_of(os.path.join(run_dir, entry))
