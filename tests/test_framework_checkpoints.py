@@ -33,16 +33,21 @@ def cli(*args):
                           env=ENV, timeout=600)
 
 
+def same_as_hf(w, fsdp_run, step):
+    """``w`` holds exactly the HF twin's tensors: names, shapes, dtypes and values."""
+    ref = load_file(fsdp_run / "hf" / f"checkpoint-{step}" / "model.safetensors")
+    assert set(w) == set(ref)
+    for n, t in ref.items():
+        assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
+        assert torch.equal(w[n], t), n
+
+
 def test_dcp_checkpoints_read_as_the_same_tensors(fsdp_run):
     steps = [s for s, _ in find_checkpoints(fsdp_run / "dcp")]
     assert steps == [2, 4, 6]
     for s in steps:
-        ref = load_file(fsdp_run / "hf" / f"checkpoint-{s}" / "model.safetensors")
-        w = open_weights(str(fsdp_run / "dcp" / f"checkpoint-{s}"))
-        assert set(w) == set(ref)  # accelerate's "model." prefix is gone: the model's own names
-        for n, t in ref.items():
-            assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
-            assert torch.equal(w[n], t), n
+        # (accelerate's "model." prefix is gone: the model's own names)
+        same_as_hf(open_weights(str(fsdp_run / "dcp" / f"checkpoint-{s}")), fsdp_run, s)
 
 
 def test_analyze_and_extrapolate_a_dcp_series_as_its_hf_twin(fsdp_run, tmp_path):
@@ -94,12 +99,7 @@ def test_verl_fsdp2_rank_files_read_as_the_same_tensors(fsdp_run):
     found = find_checkpoints(fsdp_run / "verl")
     assert [s for s, _ in found] == [2, 4, 6] and all(p.endswith("actor") for _, p in found)
     for s, path in found:
-        ref = load_file(fsdp_run / "hf" / f"checkpoint-{s}" / "model.safetensors")
-        w = open_weights(path)
-        assert set(w) == set(ref)
-        for n, t in ref.items():
-            assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
-            assert torch.equal(w[n], t), n
+        same_as_hf(open_weights(path), fsdp_run, s)
 
 
 def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path):

@@ -7,8 +7,6 @@ import sys
 import textwrap
 import time
 
-import torch
-from safetensors.torch import save_file
 
 from test_io_cli import cli, llama_state, write_model
 
