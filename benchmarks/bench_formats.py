@@ -1,0 +1,118 @@
+"""`pyrank analyze` on a sharded-checkpoint series, read in place, against what a user does
+today: merge every checkpoint to one file first, then analyze.
+
+The series: a base in HF format and --steps checkpoints as torch Distributed Checkpoints
+(written by torch.distributed.checkpoint.save — the writer HF Trainer/accelerate FSDP runs
+use), of --layers layers with Qwen2.5-1.5B's projection shapes (bench_series' RL-like
+updates). Rows, all measured in this run:
+
+  pyrank analyze (DCP, in place)   pyrank reads each tensor's chunks from the .distcp files
+  merge + analyze                  torch's own converter, dcp_to_torch_save, per checkpoint
+                                   (merger time counted), then pyrank analyze on the merged
+                                   .pt files
+  pyrank analyze (HF safetensors)  the same weights in HF format, for reference
+
+    python benchmarks/bench_formats.py                    # ~3 min on 2 cores
+    python benchmarks/bench_formats.py --layers 1 --steps 2 --no-write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_series import SHAPES, model_tensors, tensor_at  # noqa: E402
+from common import emit, machine, markdown_table  # noqa: E402
+
+
+def write_series(root, cfg, layers, steps):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    names = [(n, s, p) for n, s, p in model_tensors(cfg, layers) if "embed" not in n and "lm_head" not in n]
+    for step in range(steps + 1):
+        sd = {n: tensor_at(n, s, p, step, steps) for n, s, p in names}
+        if step == 0:
+            os.makedirs(os.path.join(root, "base"))
+            save_file(sd, os.path.join(root, "base", "model.safetensors"))
+            continue
+        os.makedirs(os.path.join(root, "hf", f"checkpoint-{step}"))
+        save_file(sd, os.path.join(root, "hf", f"checkpoint-{step}", "model.safetensors"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save({"model": sd}, checkpoint_id=os.path.join(root, "dcp", f"checkpoint-{step}",
+                                                             "pytorch_model_fsdp_0"), no_dist=True)
+
+
+def analyze(base, ckpts, out):
+    cmd = [sys.executable, "-m", "pyrank", "analyze", base, *ckpts, "--out", out, "--force", "--quiet"]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"pyrank analyze failed: {p.stderr}")
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    cfg = SHAPES[args.shape]
+    root = tempfile.mkdtemp(prefix="pyrank-bench-formats-")
+    try:
+        write_series(root, cfg, args.layers, args.steps)
+        base = os.path.join(root, "base")
+        steps = range(1, args.steps + 1)
+        dcp_dirs = [os.path.join(root, "dcp", f"checkpoint-{s}") for s in steps]
+        hf_dirs = [os.path.join(root, "hf", f"checkpoint-{s}") for s in steps]
+        rows = []
+        t_in_place = analyze(base, dcp_dirs, os.path.join(root, "r1"))
+        rows.append({"method": "pyrank analyze, DCP read in place", "wall_s": t_in_place})
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        t = time.perf_counter()
+        merged = []
+        for s, d in zip(steps, dcp_dirs):
+            out = os.path.join(root, "merged", f"checkpoint-{s}", "model.pt")
+            os.makedirs(os.path.dirname(out))
+            dcp_to_torch_save(os.path.join(d, "pytorch_model_fsdp_0"), out)
+            sd = torch.load(out, weights_only=True, mmap=True)  # {"model": {...}}: as analyze expects it
+            torch.save(sd["model"], out)
+            merged.append(out)
+        t_merge = time.perf_counter() - t
+        t_after = analyze(base, merged, os.path.join(root, "r2"))
+        rows.append({"method": "merge (torch dcp_to_torch_save) + pyrank analyze", "wall_s": t_merge + t_after,
+                     "merge_s": t_merge, "x": (t_merge + t_after) / t_in_place})
+        t_hf = analyze(base, hf_dirs, os.path.join(root, "r3"))
+        rows.append({"method": "pyrank analyze, the same weights as HF safetensors", "wall_s": t_hf,
+                     "x": t_hf / t_in_place})
+        a, b, c = (json.load(open(os.path.join(root, r, "report.json"))) for r in ("r1", "r2", "r3"))
+        same = a["modules"] == b["modules"] == c["modules"]
+        size = sum(os.path.getsize(os.path.join(dp, f)) for d in dcp_dirs for dp, _, fs in os.walk(d) for f in fs)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cols = [("method", "method", "{}"), ("wall (s)", "wall_s", "{:.1f}"), ("of which merging (s)", "merge_s", "{:.1f}"),
+            ("× in-place time", "x", "{:.2f}")]
+    head = (f"## bench_formats: a DCP checkpoint series ({args.layers} layers of {args.shape} projections, "
+            f"{args.steps} checkpoints, {size / 1e9:.2f} GB of .distcp)\n\nMachine: {machine()}\n\n"
+            f"Reports identical across the three: {same}.\n\n")
+    emit("bench_formats", rows, head + markdown_table(rows, cols) + "\n", not args.no_write)
+    if not same:
+        raise SystemExit("the three reports differ")
+
+
+if __name__ == "__main__":
+    main()
