@@ -27,8 +27,6 @@ import tempfile
 import time
 import warnings
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_series import SHAPES, model_tensors, tensor_at  # noqa: E402
 from common import emit, machine, markdown_table  # noqa: E402
@@ -54,7 +52,9 @@ def write_series(root, cfg, layers, steps):
 
 
 def analyze(base, ckpts, out):
-    cmd = [sys.executable, "-m", "pyrank", "analyze", base, *ckpts, "--out", out, "--force", "--quiet"]
+    steps = ",".join(str(i + 1) for i in range(len(ckpts)))
+    cmd = [sys.executable, "-m", "pyrank", "analyze", base, *ckpts, "--steps", steps, "--out", out, "--force",
+           "--quiet"]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
@@ -88,9 +88,7 @@ def main():
         for s, d in zip(steps, dcp_dirs):
             out = os.path.join(root, "merged", f"checkpoint-{s}", "model.pt")
             os.makedirs(os.path.dirname(out))
-            dcp_to_torch_save(os.path.join(d, "pytorch_model_fsdp_0"), out)
-            sd = torch.load(out, weights_only=True, mmap=True)  # {"model": {...}}: as analyze expects it
-            torch.save(sd["model"], out)
+            dcp_to_torch_save(os.path.join(d, "pytorch_model_fsdp_0"), out)  # {"model": {...}}
             merged.append(out)
         t_merge = time.perf_counter() - t
         t_after = analyze(base, merged, os.path.join(root, "r2"))

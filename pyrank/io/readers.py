@@ -229,6 +229,9 @@ def _load_pt(path: str) -> _EagerWeights:
             "never unpickles arbitrary objects — convert it to safetensors") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    elif isinstance(sd, dict) and len(sd) == 1 and isinstance(next(iter(sd.values())), dict) \
+            and next(iter(sd)) in ("model", "module"):  # e.g. dcp_to_torch_save of accelerate's {"model": …}
+        sd = next(iter(sd.values()))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise PyrankIOError(f"{path}: not a state dict of tensors")
     out = _EagerWeights(sd)
