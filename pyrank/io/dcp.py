@@ -95,6 +95,8 @@ class DCPWeights(Mapping):
                 chunks.append((tuple(ch.offsets), tuple(ch.sizes), info))
             self._tensors[fqn] = (md, chunks)
         files = {c[2].relative_path for _, cs in self._tensors.values() for c in cs}
+        # every file the checkpoint consists of (what `pyrank watch` checks for stability)
+        self._files = [meta_path] + [os.path.join(path, rel) for rel in sorted(files)]
         for rel in sorted(files):
             p = os.path.join(path, rel)
             if not os.path.isfile(p):
