@@ -549,7 +549,7 @@ def _accepted(rel: Tensor, sig: Tensor, sig1: float, tol: float, ctol: float) ->
     """Which of the first len(rel) Ritz triplets may stop: residual ≤ tol, or inside a
     cluster (relative gap to a neighbouring Ritz value ≤ its residual) with residual ≤ ctol."""
     ok = rel <= tol
-    if ctol <= tol or sig1 <= 0:
+    if ctol <= tol or sig1 <= 0 or bool(ok.all()):  # (the common case costs one comparison)
         return ok
     kk = rel.shape[0]
     s = sig[:kk + 1].double() / sig1
