@@ -57,6 +57,13 @@ def _build_parser() -> argparse.ArgumentParser:
         sp.add_argument("checkpoints", nargs="*", help="checkpoint directories or files, in any order")
         sp.add_argument("--run-dir", help="a training run: checkpoint-N/, global_step_N/actor/huggingface/ "
                                           "or global_stepN_hf/ folders")
+        sp.add_argument("--hf-repo", metavar="ORG/NAME",
+                        help="a series kept as revisions of one Hub repo, read from the local Hugging Face cache "
+                             "(never downloaded); the step is the last number in each revision's name")
+        sp.add_argument("--revisions", default="*", metavar="GLOB",
+                        help="with --hf-repo: the revisions (branches, tags) to read, e.g. 'step_*' (default all)")
+        sp.add_argument("--hf-cache", metavar="DIR", help="with --hf-repo: the cache directory (default: "
+                                                          "huggingface_hub's, HF_HUB_CACHE)")
         sp.add_argument("--steps", help="comma-separated steps of the CHECKPOINTS when their names don't say")
         sp.add_argument("--metrics", help="CSV (step,value) or JSON ({step: value}) of an evaluation metric")
         sp.add_argument("--include", action="append", default=[], metavar="REGEX",
@@ -231,7 +238,8 @@ def _open_series(args, options):
     _check_writable(args.out)
     series = pipeline.open_series(args.base, args.checkpoints, run_dir=args.run_dir, steps=_steps(args.steps),
                                   metrics=args.metrics, include=args.include, exclude=args.exclude,
-                                  device=args.device, k=args.k)
+                                  device=args.device, k=args.k, hf_repo=args.hf_repo, revisions=args.revisions,
+                                  hf_cache=args.hf_cache)
     check_output(args.out, series.inputs, args.force)
     if args.debug:  # which reader each input got
         for what, w in [(args.base, series.base)] + [(p, w) for _, p, w in series.checkpoints]:

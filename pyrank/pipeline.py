@@ -81,18 +81,25 @@ class Series:
 
 
 def checkpoint_list(checkpoints: Sequence[str] = (), *, run_dir: Optional[str] = None,
-                    steps: Optional[Sequence[float]] = None) -> List[Tuple[float, str]]:
-    """[(step, path)] sorted by step: the checkpoints of ``run_dir``, or the given paths with
-    ``steps`` (default: each path's step from its name or trainer_state.json)."""
+                    steps: Optional[Sequence[float]] = None, hf_repo: Optional[str] = None,
+                    revisions: str = "*", hf_cache: Optional[str] = None) -> List[Tuple[float, str]]:
+    """[(step, path)] sorted by step: the checkpoints of ``run_dir``, the cached revisions of Hub
+    repo ``hf_repo`` whose names match ``revisions`` (:func:`pyrank.io.hub.hub_revisions`), or
+    the given paths with ``steps`` (default: each path's step from its name or
+    trainer_state.json)."""
     from .io import find_checkpoints
 
-    if run_dir and checkpoints:
-        raise PipelineError("give either CHECKPOINTS or --run-dir, not both")
-    if run_dir:
+    if sum(bool(x) for x in (run_dir, checkpoints, hf_repo)) > 1:
+        raise PipelineError("give one of CHECKPOINTS, --run-dir and --hf-repo")
+    if hf_repo:
+        from .io.hub import hub_revisions
+
+        series = [(float(s), p) for s, p in hub_revisions(hf_repo, revisions, hf_cache)]
+    elif run_dir:
         series = [(float(s), p) for s, p in find_checkpoints(run_dir)]
     else:
         if not checkpoints:
-            raise PipelineError("no checkpoints: give CHECKPOINTS or --run-dir")
+            raise PipelineError("no checkpoints: give CHECKPOINTS, --run-dir or --hf-repo")
         for c in checkpoints:
             if not os.path.exists(c):
                 raise PipelineError(f"{c}: no such file or directory")
@@ -240,14 +247,17 @@ def check_series(base: Mapping, ckpts, names: Sequence[str], k: Optional[int] = 
 def open_series(base: str, checkpoints: Sequence[str] = (), *, run_dir: Optional[str] = None,
                 steps: Optional[Sequence[float]] = None, metrics: Union[str, Mapping, None] = None,
                 include: Sequence[str] = (), exclude: Sequence[str] = (), device: str = "auto",
-                k: Optional[int] = None) -> Series:
-    """Open and check a series: the base, its checkpoints (paths, or ``run_dir``), the
+                k: Optional[int] = None, hf_repo: Optional[str] = None, revisions: str = "*",
+                hf_cache: Optional[str] = None) -> Series:
+    """Open and check a series: the base, its checkpoints (paths, ``run_dir``, or the cached
+    revisions of Hub repo ``hf_repo`` matching ``revisions``), the
     modules (``include``/``exclude`` regexes on the default selection), and the metrics (a
     file, or a mapping step → value). ``k``: also check every module has ≥ k rows and
     columns. Only headers are read."""
     dev = resolve_device(device)
     base_w = _open(base, dev)
-    listed = checkpoint_list(checkpoints, run_dir=run_dir, steps=steps)
+    listed = checkpoint_list(checkpoints, run_dir=run_dir, steps=steps, hf_repo=hf_repo, revisions=revisions,
+                             hf_cache=hf_cache)
     if isinstance(metrics, str):
         metrics = read_metrics(metrics, [s for s, _ in listed])
     metrics = {float(s): float(v) for s, v in (metrics or {}).items()}
