@@ -128,24 +128,25 @@ class DCPWeights(Mapping):
         if name not in self._tensors:
             raise KeyError(name)
         md, chunks = self._tensors[name]
-        out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        whole = tuple(md.size)
+        out = None
         for offsets, sizes, info in chunks:
             p = os.path.join(self.path, str(info.relative_path))
             try:
-                with open(p, "rb") as f:
-                    f.seek(info.offset)
-                    raw = f.read(info.length)
-                if len(raw) != info.length:
-                    raise EOFError("file ends early")
-                chunk = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                with open(p, "rb") as f:  # torch.load reads the chunk's archive in place: no bytes copy
+                    chunk = torch.load(_Slice(f, info.offset, info.length), map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise PyrankIOError(f"{p}: cannot read chunk of tensor {name!r} ({_short(exc)})") from None
             if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != tuple(sizes) \
-                    or chunk.dtype != out.dtype:
-                raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} {out.dtype} "
-                                    "its metadata says")
+                    or chunk.dtype != md.properties.dtype:
+                raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} "
+                                    f"{md.properties.dtype} its metadata says")
+            if len(chunks) == 1 and tuple(sizes) == whole:
+                return chunk  # the whole tensor: already a tensor of its own
+            if out is None:
+                out = torch.empty(whole, dtype=md.properties.dtype)
             out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = chunk
-        return out
+        return out if out is not None else torch.empty(whole, dtype=md.properties.dtype)
 
     def __contains__(self, name):
         return name in self._tensors
@@ -155,6 +156,40 @@ class DCPWeights(Mapping):
 
     def __len__(self):
         return len(self._tensors)
+
+
+class _Slice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file as a seekable read-only stream (one
+    chunk's torch.save archive inside a .distcp file); reading past it is end of file."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._lo, self._len, self._pos = f, offset, length, 0
+        f.seek(0, os.SEEK_END)
+        if f.tell() < offset + length:
+            raise EOFError("file ends early")
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._lo + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got or 0
+        return got
 
 
 def _index(fqn, offsets, i):
