@@ -408,8 +408,9 @@ def svd_lowrank(
         r_right = torch.linalg.vector_norm(ZU @ Pk - V @ (Qk * sk), dim=0)
         rel = torch.maximum(r_left, r_right) / sig1 if sig1 > 0 else torch.zeros_like(sk)
         converged = (kk == k or exhausted) and bool((rel <= tol).all())
+        # (accepted includes converged: _accepted admits every triplet with residual ≤ tol)
         accepted = (kk == k or exhausted) and bool(_accepted(rel, sig, sig1, tol, ctol).all())
-        if not (converged or accepted or force):
+        if not (accepted or force):
             return None
         out = _finish(U, V, P, sig, Q, rel, k, l, passes, converged, drop / max(sig1, drop), gen, tol)
         out.fro, out.nnz = fro_value, nnz_value
@@ -564,7 +565,7 @@ def _accepted(rel: Tensor, sig: Tensor, sig1: float, tol: float, ctol: float) ->
     return ok | ((gaps <= r) & (r <= ctol))
 
 
-def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen, tol=0.0) -> LowRankSVD:
+def _finish(U, V, P, sig, Q, rel, k, l, passes, converged, pad_res, gen, tol) -> LowRankSVD:
     kk = rel.shape[0]
     Uk, Vk, S = U @ P[:, :kk], V @ Q[:, :kk], sig[:kk]
     if kk < k:

@@ -412,7 +412,7 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
 
     ``extras``: None, or the AnalyzeOptions whose sparsity (always) and diagnostics (if
     asked) are computed per module and step. The sparsity is the changed count of the SVD's
-    first read where that count is the η rule (bf16, η < 2⁻⁸: see
+    first read where that count is the η rule (bf16, η ≤ 2⁻⁹: see
     :func:`pyrank.analysis.count_is_eta_rule`), else a pass of its own. ``resumed``: a
     tracker whose observations are kept (each checked against the fingerprint of the weights
     it claims to come from, read from their first and last rows). ``partial``: a path
@@ -422,7 +422,7 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
 
     from .analysis import count_is_eta_rule, diagnostics, update_jaccard, update_sparsity
     from .linalg import svd_lowrank
-    from .track import Rank1Tracker, _fmt
+    from .track import Rank1Tracker, _fmt, fingerprint
 
     base, metrics = series.base, series.metrics
     tr = Rank1Tracker(k=k, backend=backend)
@@ -474,7 +474,7 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
                     else:  # a resumed observation: it must come from these very weights
                         ob, fp = tr._obs[n][step], tr.fingerprints(n)
                         for what, key, got in (("base", "base", W0), (path, _fmt(step), W)):
-                            if key in fp and fp[key] != (got if isinstance(got, str) else _fingerprint(got)):
+                            if key in fp and fp[key] != (got if isinstance(got, str) else fingerprint(got)):
                                 raise PipelineError(f"--resume: module {n!r} of {what} is not what the tracker's "
                                                     f"step {step:g} was computed from: it belongs to another run")
                     if diag:
@@ -508,12 +508,6 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
         if step in metrics:
             tr.set_metric(step, metrics[step])
     return tr, per
-
-
-def _fingerprint(W) -> str:
-    from .track import fingerprint
-
-    return fingerprint(W)
 
 
 READ_AHEAD = 2  # tensors a series read runs ahead of the computation
@@ -836,7 +830,8 @@ def watch_run(base: str, run_dir: str, out: str, options: Optional[WatchOptions]
     tr, per, result = None, {n: {} for n in names}, None
     last_new = time.monotonic()
     while True:
-        fresh = [(s, p) for s, p in _candidates(run_dir) if s not in {d[0] for d in done} and settled(s, p)]
+        seen = {s for s, _, _ in done}
+        fresh = [(s, p) for s, p in _candidates(run_dir) if s not in seen and settled(s, p)]
         for step, path in fresh:
             ckpt = (step, path, _open(path, dev))
             check_series(base_w, [ckpt], names, options.k)

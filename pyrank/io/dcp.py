@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .errors import PyrankIOError
+from .errors import PyrankIOError, short
 
 METADATA = ".metadata"
 
@@ -57,10 +57,6 @@ def is_dcp(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA))
 
 
-def _short(exc) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
 class DCPWeights(Mapping):
     """name → tensor of a DCP directory (see the module doc)."""
 
@@ -76,7 +72,7 @@ class DCPWeights(Mapping):
                 meta = _MetadataUnpickler(f).load()
             sd_meta, storage = meta.state_dict_metadata, meta.storage_data
         except Exception as exc:
-            raise PyrankIOError(f"{meta_path}: not a readable DCP metadata file ({_short(exc)})") from None
+            raise PyrankIOError(f"{meta_path}: not a readable DCP metadata file ({short(exc)})") from None
         self._tensors: Dict[str, Tuple[object, List[Tuple[tuple, tuple, object]]]] = {}
         for fqn, md in sd_meta.items():
             if not hasattr(md, "chunks"):  # BytesStorageMetadata: pickled objects, never read
@@ -136,7 +132,7 @@ class DCPWeights(Mapping):
                 with open(p, "rb") as f:  # torch.load reads the chunk's archive in place: no bytes copy
                     chunk = torch.load(_Slice(f, info.offset, info.length), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise PyrankIOError(f"{p}: cannot read chunk of tensor {name!r} ({_short(exc)})") from None
+                raise PyrankIOError(f"{p}: cannot read chunk of tensor {name!r} ({short(exc)})") from None
             if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != tuple(sizes) \
                     or chunk.dtype != md.properties.dtype:
                 raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} "

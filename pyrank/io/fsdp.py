@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import PyrankIOError
+from .errors import PyrankIOError, short
 
 FSDP_CONFIG = "fsdp_config.json"
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -35,10 +35,6 @@ _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 def is_verl_fsdp(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, FSDP_CONFIG)) and any(
         _RANK_FILE.match(f) for f in os.listdir(path))
-
-
-def _short(exc) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 class FSDPShardedWeights(Mapping):
@@ -54,7 +50,7 @@ class FSDPShardedWeights(Mapping):
                 cfg = json.load(f)
             version, world = int(cfg["FSDP_version"]), int(cfg["world_size"])
         except Exception as exc:
-            raise PyrankIOError(f"{cfg_path}: not verl's fsdp_config.json ({_short(exc)})") from None
+            raise PyrankIOError(f"{cfg_path}: not verl's fsdp_config.json ({short(exc)})") from None
         found = {}
         for f in os.listdir(path):
             mt = _RANK_FILE.match(f)
@@ -91,7 +87,7 @@ class FSDPShardedWeights(Mapping):
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise PyrankIOError(f"{p}: not loadable with torch.load(weights_only=True) ({_short(exc)}); a "
+            raise PyrankIOError(f"{p}: not loadable with torch.load(weights_only=True) ({short(exc)}); a "
                                 "truncated file, or not an FSDP2 rank file") from None
         finally:
             log.setLevel(level)

@@ -8,7 +8,7 @@ import fnmatch
 import re
 from typing import List, Optional, Tuple
 
-from .errors import PyrankIOError
+from .errors import PyrankIOError, short
 
 
 def hub_revisions(repo_id: str, pattern: str = "*", cache_dir: Optional[str] = None) -> List[Tuple[int, str]]:
@@ -23,7 +23,7 @@ def hub_revisions(repo_id: str, pattern: str = "*", cache_dir: Optional[str] = N
         info = scan_cache_dir(cache_dir)
     except Exception as exc:
         where = cache_dir or "the Hugging Face cache"
-        raise PyrankIOError(f"{where}: cannot scan it ({str(exc).strip().splitlines()[0][:200]})") from None
+        raise PyrankIOError(f"{where}: cannot scan it ({short(exc)})") from None
     repos = [r for r in info.repos if r.repo_id == repo_id and r.repo_type == "model"]
     if not repos:
         have = sorted(r.repo_id for r in info.repos if r.repo_type == "model")

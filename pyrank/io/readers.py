@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import PyrankIOError
+from .errors import PyrankIOError, short
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -70,7 +70,7 @@ def _header(path: str) -> Dict[str, _Entry]:
     except PyrankIOError:
         raise
     except Exception as exc:  # truncated, corrupted, not safetensors at all
-        raise PyrankIOError(f"{path}: cannot read safetensors file ({_short(exc)})") from None
+        raise PyrankIOError(f"{path}: cannot read safetensors file ({short(exc)})") from None
 
 
 class LazyWeights(Mapping):
@@ -196,10 +196,6 @@ class _EagerWeights(dict):
         return self.source
 
 
-def _short(exc) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
 def read_json(path: str):
     """A JSON file pyrank wrote (tracker, prediction), read as UTF-8."""
     with open(path, encoding="utf-8") as f:
@@ -225,7 +221,7 @@ def _load_pt(path: str) -> _EagerWeights:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise PyrankIOError(
-            f"{path}: not loadable with torch.load(weights_only=True) ({_short(exc)}); pyrank "
+            f"{path}: not loadable with torch.load(weights_only=True) ({short(exc)}); pyrank "
             "never unpickles arbitrary objects — convert it to safetensors") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -264,7 +260,7 @@ def open_weights(path: str) -> Mapping:
         except PyrankIOError:
             raise
         except Exception as exc:
-            raise PyrankIOError(f"{index}: not a safetensors index ({_short(exc)})") from None
+            raise PyrankIOError(f"{index}: not a safetensors index ({short(exc)})") from None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise PyrankIOError(f"{index}: not a safetensors index (weight_map must map tensor names to file "
@@ -311,14 +307,22 @@ def open_weights(path: str) -> Mapping:
                         "model_world_size_W_rank_R.pt with fsdp_config.json)")
 
 
+def _fsdp_dcp_dirs(path: str) -> List[str]:
+    """The ``pytorch_model_fsdp_*/`` torch Distributed Checkpoints in directory ``path`` (what
+    HF Trainer/accelerate FSDP runs with SHARDED_STATE_DICT write), by name."""
+    from .dcp import is_dcp
+
+    return sorted(d for d in os.listdir(path) if d.startswith("pytorch_model_fsdp_") and is_dcp(os.path.join(path, d)))
+
+
 def _dcp_weights(path: str):
     """A torch Distributed Checkpoint in ``path``, or in its one ``pytorch_model_fsdp_*/``
-    (HF Trainer/accelerate FSDP SHARDED_STATE_DICT, whose keys carry accelerate's ``model.``)."""
+    (whose keys carry accelerate's ``model.``)."""
     from .dcp import DCPWeights, is_dcp
 
     if is_dcp(path):
         return DCPWeights(path)
-    subs = sorted(d for d in os.listdir(path) if d.startswith("pytorch_model_fsdp_") and is_dcp(os.path.join(path, d)))
+    subs = _fsdp_dcp_dirs(path)
     if len(subs) > 1:
         raise PyrankIOError(f"{path}: several FSDP model checkpoints ({', '.join(subs)}); give one of them")
     if subs:
@@ -346,8 +350,7 @@ def _has_weights(d: str) -> bool:
         return False
     names = os.listdir(d)
     return (any(f.endswith(".safetensors") or f in _PT_NAMES or f == _INDEX for f in names)
-            or is_dcp(d) or is_verl_fsdp(d)
-            or any(f.startswith("pytorch_model_fsdp_") and is_dcp(os.path.join(d, f)) for f in names))
+            or is_dcp(d) or is_verl_fsdp(d) or bool(_fsdp_dcp_dirs(d)))
 
 
 def _trainer_step(d: str) -> Optional[int]:
