@@ -64,3 +64,26 @@ def merge_within_bound(out, ref, W, U, S, V, alpha):
     terms = W.double().abs() + abs(alpha) * (U.double().abs() * S.double().abs()) @ V.double().abs().T
     accum = (k + 1) * compute_eps(W.dtype) * terms
     return bool((diff <= ulp + accum + torch.finfo(W.dtype).tiny).all())
+
+
+def run_writer(script, out, env, nproc=2):
+    """Run a fixture writer (a script in tests/) under torchrun with ``nproc`` ranks on this
+    machine; fails the test with the writer's output if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), script), str(out)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out
+
+
+def pyrank_cli(*args, env=None):
+    """``python -m pyrank ARGS`` as a user runs it: (completed process)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pyrank", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)

@@ -5,13 +5,12 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import pyrank_cli, run_writer
 from pyrank.io import PyrankIOError, find_checkpoints, open_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,17 +19,11 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        os.path.join(HERE, "fsdp_save_script.py"), str(out)], capture_output=True, text=True,
-                       env=ENV, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return out
+    return run_writer("fsdp_save_script.py", tmp_path_factory.mktemp("fsdp"), ENV)
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pyrank", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=600)
+    return pyrank_cli(*args, env=ENV)
 
 
 def same_as_hf(w, fsdp_run, step):

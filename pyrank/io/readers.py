@@ -252,59 +252,81 @@ def open_weights(path: str) -> Mapping:
         if path.endswith((".pt", ".bin", ".pth")):
             return _load_pt(path)
         raise PyrankIOError(f"{path}: unknown weight file type (expected .safetensors, .pt or .bin)")
-    index = os.path.join(path, _INDEX)
-    if os.path.exists(index):
-        try:
-            with open(_regular_file(index, "index"), encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except PyrankIOError:
-            raise
-        except Exception as exc:
-            raise PyrankIOError(f"{index}: not a safetensors index ({short(exc)})") from None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-            raise PyrankIOError(f"{index}: not a safetensors index (weight_map must map tensor names to file "
-                                f"names, got {type(weight_map).__name__})")
-        files = {}
-        for name, shard in weight_map.items():
-            shard_path = os.path.join(path, shard)
-            # a shard is a file name in this directory, as HF writes them (a symlink there, as in
-            # the Hub cache, is fine): never a path that leaves it
-            if os.path.isabs(shard) or os.path.dirname(os.path.normpath(shard)) or shard in ("", ".", ".."):
-                raise PyrankIOError(f"{index}: shard {shard!r} of tensor {name!r} is not a file in {path}")
-            if not os.path.exists(shard_path):
-                raise PyrankIOError(f"{shard_path}: shard named by {index} is missing")
-            files[name] = shard_path
-        headers = {}
-        for shard_path in sorted(set(files.values())):  # every shard must open and hold what the index says
-            headers[shard_path] = present = _header(shard_path)
-            lost = [n for n, p in files.items() if p == shard_path and n not in present]
-            if lost:
-                raise PyrankIOError(f"{shard_path}: lacks tensor {lost[0]!r} named by {index}")
-        return LazyWeights(files, path, headers)
-    single = os.path.join(path, _SINGLE)
-    if os.path.exists(single):
-        return _one_file(single, path)
-    sts = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if len(sts) == 1:
-        return _one_file(os.path.join(path, sts[0]), path)
-    for name in _PT_NAMES:
-        if os.path.exists(os.path.join(path, name)):
-            return _load_pt(os.path.join(path, name))
-    dcp = _dcp_weights(path)
-    if dcp is not None:
-        return dcp
+    opener = _layout(path)
+    if opener is None:
+        raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, a .pt/.bin "
+                            "state dict, a torch Distributed Checkpoint: .metadata with .distcp files, or "
+                            "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it, verl's FSDP rank files "
+                            "model_world_size_W_rank_R.pt with fsdp_config.json, or a DeepSpeed ZeRO checkpoint: "
+                            "*model_states.pt, or a latest file naming one)")
+    return opener()
+
+
+def _layout(d: str):
+    """How directory ``d`` holds model weights: a function that opens them, or None if it
+    holds none in a layout pyrank reads. The one place that knows the layouts, in the order
+    they are preferred (open_weights and find_checkpoints both ask it)."""
+    from .deepspeed import DeepSpeedWeights, deepspeed_tag_dir
     from .fsdp import FSDPShardedWeights, is_verl_fsdp
 
-    for d in (path, os.path.join(path, "actor")):  # verl: global_step_N/actor/
-        if is_verl_fsdp(d):
-            return FSDPShardedWeights(d)
-    if os.path.exists(os.path.join(path, _PT_INDEX)):
-        raise PyrankIOError(f"{path}: sharded .bin checkpoints are not supported; convert to safetensors")
-    raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, a .pt/.bin "
-                        "state dict, a torch Distributed Checkpoint: .metadata with .distcp files, or "
-                        "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it, or verl's FSDP rank files "
-                        "model_world_size_W_rank_R.pt with fsdp_config.json)")
+    names = set(os.listdir(d))
+    if _INDEX in names:
+        return lambda: _open_index(d)
+    if _SINGLE in names:
+        return lambda: _one_file(os.path.join(d, _SINGLE), d)
+    sts = sorted(f for f in names if f.endswith(".safetensors"))
+    if len(sts) == 1:
+        return lambda: _one_file(os.path.join(d, sts[0]), d)
+    for name in _PT_NAMES:
+        if name in names:
+            return lambda: _load_pt(os.path.join(d, name))
+    if _PT_INDEX in names:
+        def refuse():
+            raise PyrankIOError(f"{d}: sharded .bin checkpoints are not supported; convert to safetensors")
+        return refuse
+    from .dcp import is_dcp
+
+    if is_dcp(d) or _fsdp_dcp_dirs(d):
+        return lambda: _dcp_weights(d)
+    for sub in (d, os.path.join(d, "actor")):  # verl: global_step_N/actor/
+        if is_verl_fsdp(sub):
+            return lambda: FSDPShardedWeights(sub)
+    tag = deepspeed_tag_dir(d)
+    if tag is not None:
+        return lambda: DeepSpeedWeights(tag)
+    return None
+
+
+def _open_index(path: str) -> LazyWeights:
+    index = os.path.join(path, _INDEX)
+    try:
+        with open(_regular_file(index, "index"), encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except PyrankIOError:
+        raise
+    except Exception as exc:
+        raise PyrankIOError(f"{index}: not a safetensors index ({short(exc)})") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise PyrankIOError(f"{index}: not a safetensors index (weight_map must map tensor names to file "
+                            f"names, got {type(weight_map).__name__})")
+    files = {}
+    for name, shard in weight_map.items():
+        shard_path = os.path.join(path, shard)
+        # a shard is a file name in this directory, as HF writes them (a symlink there, as in
+        # the Hub cache, is fine): never a path that leaves it
+        if os.path.isabs(shard) or os.path.dirname(os.path.normpath(shard)) or shard in ("", ".", ".."):
+            raise PyrankIOError(f"{index}: shard {shard!r} of tensor {name!r} is not a file in {path}")
+        if not os.path.exists(shard_path):
+            raise PyrankIOError(f"{shard_path}: shard named by {index} is missing")
+        files[name] = shard_path
+    headers = {}
+    for shard_path in sorted(set(files.values())):  # every shard must open and hold what the index says
+        headers[shard_path] = present = _header(shard_path)
+        lost = [n for n, p in files.items() if p == shard_path and n not in present]
+        if lost:
+            raise PyrankIOError(f"{shard_path}: lacks tensor {lost[0]!r} named by {index}")
+    return LazyWeights(files, path, headers)
 
 
 def _fsdp_dcp_dirs(path: str) -> List[str]:
@@ -316,7 +338,7 @@ def _fsdp_dcp_dirs(path: str) -> List[str]:
 
 
 def _dcp_weights(path: str):
-    """A torch Distributed Checkpoint in ``path``, or in its one ``pytorch_model_fsdp_*/``
+    """The torch Distributed Checkpoint in ``path``, or in its one ``pytorch_model_fsdp_*/``
     (whose keys carry accelerate's ``model.``)."""
     from .dcp import DCPWeights, is_dcp
 
@@ -325,12 +347,10 @@ def _dcp_weights(path: str):
     subs = _fsdp_dcp_dirs(path)
     if len(subs) > 1:
         raise PyrankIOError(f"{path}: several FSDP model checkpoints ({', '.join(subs)}); give one of them")
-    if subs:
-        w = DCPWeights(os.path.join(path, subs[0]))
-        if w and all(n.startswith("model.") for n in w):
-            w.strip_prefix("model.")
-        return w
-    return None
+    w = DCPWeights(os.path.join(path, subs[0]))
+    if w and all(n.startswith("model.") for n in w):
+        w.strip_prefix("model.")
+    return w
 
 
 _PATTERNS = [  # (regex on the entry name, where the weights may be inside it, first found wins)
@@ -338,19 +358,14 @@ _PATTERNS = [  # (regex on the entry name, where the weights may be inside it, f
     # verl: HF weights only with hf_model in checkpoint.save_contents, else the FSDP rank files
     (re.compile(r"^global_step_(\d+)$"), (os.path.join("actor", "huggingface"), "actor")),
     (re.compile(r"^global_step(\d+)_hf$"), ("",)),
+    (re.compile(r"^global_step(\d+)$"), ("",)),  # DeepSpeed's tag directories (OpenRLHF: ckpt/_actor/)
 ]
+_OPENRLHF_ACTOR = "_actor"
 
 
 def _has_weights(d: str) -> bool:
     """Whether directory ``d`` holds model weights in a layout open_weights reads."""
-    from .dcp import is_dcp
-    from .fsdp import is_verl_fsdp
-
-    if not os.path.isdir(d):
-        return False
-    names = os.listdir(d)
-    return (any(f.endswith(".safetensors") or f in _PT_NAMES or f == _INDEX for f in names)
-            or is_dcp(d) or is_verl_fsdp(d) or bool(_fsdp_dcp_dirs(d)))
+    return os.path.isdir(d) and _layout(d) is not None
 
 
 def _trainer_step(d: str) -> Optional[int]:
@@ -391,7 +406,8 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
     """[(step, weights directory)] of a training run, sorted by step.
 
     The step comes from ``trainer_state.json``'s ``global_step`` when present, else from
-    the folder name (``checkpoint-N``, ``global_step_N``, ``global_stepN_hf``).
+    the folder name (``checkpoint-N``, ``global_step_N``, ``global_stepN_hf``, DeepSpeed's
+    ``global_stepN``); an OpenRLHF ``ckpt/`` is searched in its ``_actor/``.
     """
     if not os.path.isdir(run_dir):
         raise PyrankIOError(f"{run_dir}: not a directory")
@@ -410,7 +426,9 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
             if step in found:
                 raise PyrankIOError(f"{run_dir}: two checkpoints claim step {step}: {found[step]} and {d}")
             found[step] = d
+    if not found and os.path.isdir(os.path.join(run_dir, _OPENRLHF_ACTOR)):
+        return find_checkpoints(os.path.join(run_dir, _OPENRLHF_ACTOR))  # OpenRLHF: ckpt/_actor/global_stepN
     if not found:
         raise PyrankIOError(f"{run_dir}: no checkpoints (expected checkpoint-N/, global_step_N/actor/"
-                            "huggingface/ or global_stepN_hf/ folders)")
+                            "huggingface/, global_stepN_hf/ or DeepSpeed's global_stepN/ folders)")
     return sorted(found.items())
