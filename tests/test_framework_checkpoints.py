@@ -26,9 +26,9 @@ def cli(*args):
     return pyrank_cli(*args, env=ENV)
 
 
-def same_as_hf(w, fsdp_run, step):
+def same_as_hf(w, fsdp_run, step, twin="hf"):
     """``w`` holds exactly the HF twin's tensors: names, shapes, dtypes and values."""
-    ref = load_file(fsdp_run / "hf" / f"checkpoint-{step}" / "model.safetensors")
+    ref = load_file(fsdp_run / twin / f"checkpoint-{step}" / "model.safetensors")
     assert set(w) == set(ref)
     for n, t in ref.items():
         assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
@@ -88,29 +88,40 @@ def test_dcp_metadata_is_never_unpickled_freely(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_verl_fsdp2_rank_files_read_as_the_same_tensors(fsdp_run):
-    found = find_checkpoints(fsdp_run / "verl")
+VERL = [("verl", "hf", "base", 2), ("verl1", "hf1", "base1", 1)]  # (run, HF twin, base, FSDP version)
+
+
+@pytest.mark.parametrize("run,twin,base,version", VERL)
+def test_verl_fsdp_rank_files_read_as_the_same_tensors(fsdp_run, run, twin, base, version):
+    found = find_checkpoints(fsdp_run / run)
     assert [s for s, _ in found] == [2, 4, 6] and all(p.endswith("actor") for _, p in found)
     for s, path in found:
-        same_as_hf(open_weights(path), fsdp_run, s)
+        w = open_weights(path)
+        assert w.layout == f"verl FSDP{version} rank files (world size 2)"
+        same_as_hf(w, fsdp_run, s, twin)
+    if version == 1:  # (rows that do not divide by the world size: 17 and 75 rows on 2 ranks)
+        assert w.shape_dtype("model.embed_tokens.weight")[0] == (17, 32)
 
 
-def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path):
-    base = fsdp_run / "base"
-    for kind in ("verl", "hf"):
+@pytest.mark.parametrize("run,twin,base,version", VERL)
+def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path, run, twin, base, version):
+    base = fsdp_run / base
+    for kind in (run, twin):
         p = cli("--debug", "analyze", base, "--run-dir", fsdp_run / kind, "--k", "2", "--out", tmp_path / kind,
                 "--quiet")
         assert p.returncode == 0, p.stderr
         assert f"debug: {base}: safetensors" in p.stderr  # which reader each input got
-        assert ("verl FSDP2 rank files (world size 2)" if kind == "verl" else "checkpoint-6: safetensors") in p.stderr
-    a = json.load(open(tmp_path / "verl" / "report.json"))
-    b = json.load(open(tmp_path / "hf" / "report.json"))
+        assert (f"verl FSDP{version} rank files (world size 2)" if kind == run else "checkpoint-6: safetensors") \
+            in p.stderr
+    a = json.load(open(tmp_path / run / "report.json"))
+    b = json.load(open(tmp_path / twin / "report.json"))
     assert a["modules"] == b["modules"]
 
 
-def test_a_half_written_verl_checkpoint_is_named(fsdp_run, tmp_path):
+@pytest.mark.parametrize("run,version", [("verl", 2), ("verl1", 1)])
+def test_a_half_written_verl_checkpoint_is_named(fsdp_run, tmp_path, run, version):
     actor = tmp_path / "global_step_2" / "actor"
-    shutil.copytree(fsdp_run / "verl" / "global_step_2" / "actor", actor)
+    shutil.copytree(fsdp_run / run / "global_step_2" / "actor", actor)
     (actor / "model_world_size_2_rank_1.pt").rename(tmp_path / "aside.pt")
     with pytest.raises(PyrankIOError, match=r"model_world_size_2_rank_1\.pt: missing .*world size 2"):
         open_weights(str(actor))
@@ -123,7 +134,32 @@ def test_a_half_written_verl_checkpoint_is_named(fsdp_run, tmp_path):
     with pytest.raises(PyrankIOError, match="rank files of world size 4, but .*says 2"):
         open_weights(str(actor))
     (actor / "model_world_size_4_rank_0.pt").unlink()
+    # files of one FSDP version said to be the other's: refused, naming the file
     cfg = json.loads((actor / "fsdp_config.json").read_text())
-    (actor / "fsdp_config.json").write_text(json.dumps(dict(cfg, FSDP_version=1)))
-    with pytest.raises(PyrankIOError, match="FSDP1 sharded checkpoints .* not read yet"):
+    (actor / "fsdp_config.json").write_text(json.dumps(dict(cfg, FSDP_version=3 - version)))
+    with pytest.raises(PyrankIOError, match=r"model_world_size_2_rank_0\.pt: not loadable"):
         open_weights(str(actor))
+
+
+class _Escape:
+    """Unpickles to getattr(torch.Size, "__subclasses__"): the first step out of a jail."""
+
+    def __reduce__(self):
+        return (getattr, (torch.Size, "__subclasses__"))
+
+
+@pytest.mark.parametrize("payload", ["system", "getattr"])
+def test_fsdp1_rank_files_are_never_unpickled_freely(fsdp_run, tmp_path, payload):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    actor = tmp_path / "global_step_2" / "actor"
+    shutil.copytree(fsdp_run / "verl1" / "global_step_2" / "actor", actor)
+    sd = dict(open_weights(str(actor)))  # the real tensors, then one poisoned entry
+    sd["model.norm.weight"] = Evil() if payload == "system" else _Escape()
+    torch.save(sd, actor / "model_world_size_2_rank_1.pt")
+    want = "os.system|posix.system" if payload == "system" else "getattr"
+    with pytest.raises(PyrankIOError, match=rf"rank_1\.pt: not loadable as an FSDP1 rank file .*({want})"):
+        open_weights(str(actor))
+    assert not (tmp_path / "pwned").exists()

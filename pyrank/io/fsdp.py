@@ -13,15 +13,27 @@ HF model's.
   DTensor, its spec, placements and DeviceMesh once ``torch.distributed.tensor`` is imported,
   nothing else); with ``mmap`` nothing is read until a tensor is asked for, and then only its
   shards' pages.
-* FSDP1 (``ShardedTensor``): unpickling one needs a process group; not read yet — the error
-  says so and how to convert.
+* FSDP1 (``SHARDED_STATE_DICT``): values are ``ShardedTensor``s, row chunks of each tensor
+  with their offsets. torch's own unpickling of one needs an initialized process group of
+  the saving rank's rank and world size (``ShardedTensor.__setstate__`` checks them), and
+  ``weights_only`` refuses the class. pyrank loads these files with a restricted unpickler
+  instead (``_ShardedTensorUnpickler``): the ShardedTensor, its ``Shard``s and their
+  metadata (``ShardMetadata``, ``ShardedTensorMetadata``, ``TensorProperties``,
+  ``ChunkShardingSpec``, ``_remote_device``, ``ProcessGroupState``) become inert records of
+  their pickled fields — no process group, no torch.distributed code runs — and only torch's
+  tensor rebuilders, storages, dtypes, devices, layouts, ``torch.Size`` and ``OrderedDict``
+  resolve to the real thing; any other global is refused by name. A tensor is the ranks'
+  local shards copied in at their offsets, with the global metadata checked to cover it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import pickle
 import re
+import types
 from collections.abc import Mapping
 
 import torch
@@ -64,18 +76,18 @@ class FSDPShardedWeights(Mapping):
         if lost:
             raise PyrankIOError(f"{os.path.join(path, f'model_world_size_{world}_rank_{lost[0]}.pt')}: missing "
                                 f"({cfg_path} says world size {world}: a half-written checkpoint?)")
-        if version != 2:
-            raise PyrankIOError(f"{path}: FSDP{version} sharded checkpoints (ShardedTensor) are not read yet; "
-                                "convert it with verl's model_merger, or save with FSDP2 (fully_shard)")
+        if version not in (1, 2):
+            raise PyrankIOError(f"{cfg_path}: FSDP_version {version}; pyrank reads verl's FSDP1 and FSDP2 rank files")
+        self._version = version
         self._files = [_regular_file(os.path.join(path, f"model_world_size_{world}_rank_{r}.pt"), "rank file")
                        for r in range(world)]
-        self._parts = [self._load(p) for p in self._files]
+        self._parts = [self._load(p) if version == 2 else _load_fsdp1(p) for p in self._files]
         names = list(self._parts[0])
         for p, sd in zip(self._files[1:], self._parts[1:]):
             if list(sd) != names:
                 raise PyrankIOError(f"{p}: holds other tensors than {self._files[0]}")
         self._names = names
-        self.layout = f"verl FSDP2 rank files (world size {world})"
+        self.layout = f"verl FSDP{version} rank files (world size {world})"
 
     @staticmethod
     def _load(p):
@@ -96,10 +108,12 @@ class FSDPShardedWeights(Mapping):
         return sd
 
     def _pieces(self, name):
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
         vals = [sd[name] for sd in self._parts]
         v0 = vals[0]
+        if isinstance(v0, _ShardedRecord):
+            return vals, "sharded"
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
         if not isinstance(v0, DTensor):
             return [v0], "whole"
         if len(v0.placements) != 1:
@@ -117,8 +131,8 @@ class FSDPShardedWeights(Mapping):
         return tuple(v.shape), str(v.dtype)
 
     def nbytes(self, name) -> int:
-        v = self._parts[0][name]
-        return v.numel() * v.element_size()
+        shape, dtype = self.shape_dtype(name)
+        return math.prod(shape) * torch.empty(0, dtype=self._parts[0][name].dtype).element_size()
 
     def file_of(self, name) -> str:
         return self._files[0]
@@ -128,6 +142,8 @@ class FSDPShardedWeights(Mapping):
             raise KeyError(name)
         pieces, how = self._pieces(name)
         full = tuple(self._parts[0][name].shape)
+        if how == "sharded":
+            return _assemble(name, pieces, self._files)
         out = torch.cat(pieces, 0) if how == "rows" else pieces[0].clone()
         if tuple(out.shape) != full:
             raise PyrankIOError(f"{self.path}: the rank files' shards of {name!r} make {list(out.shape)}, "
@@ -142,3 +158,145 @@ class FSDPShardedWeights(Mapping):
 
     def __len__(self):
         return len(self._names)
+
+
+# -- FSDP1: ShardedTensor without a process group -------------------------------------------
+
+class _Record:
+    """An inert stand-in for one of ShardedTensor's metadata objects: its pickled fields,
+    nothing else (no __init__ runs, no method of the real class exists)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) as pickle gives them
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state  # e.g. TensorProperties' tuple
+
+
+class _ShardedTensorClass:
+    """What the name ``ShardedTensor`` resolves to: a marker; only ``ProcessGroupState`` is an
+    attribute of it."""
+
+    ProcessGroupState = _Record
+
+
+class _ShardedRecord:
+    """A ShardedTensor as pickled: its rank's local shards and the global metadata."""
+
+    def __init__(self, state):
+        if not (isinstance(state, tuple) and len(state) >= 2 and isinstance(state[0], list)
+                and isinstance(state[1], _Record)):
+            raise pickle.UnpicklingError("a ShardedTensor whose state is not (local shards, metadata, …)")
+        self.local_shards, self.metadata = state[0], state[1]
+        size = getattr(self.metadata, "size", None)
+        props = getattr(self.metadata, "tensor_properties", None)
+        dtype = getattr(props, "dtype", None) or (getattr(props, "state", None) or (None,))[0]
+        if not isinstance(size, torch.Size) or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError("a ShardedTensor without its global size and dtype")
+        self.shape, self.dtype = size, dtype
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    # torch's version calls func(*args) to make the tensor subclass; here only ShardedTensor
+    # is admitted, and it becomes a record of its pickled state — func is never called
+    if new_type is not _ShardedTensorClass:
+        raise pickle.UnpicklingError(f"tensor subclass {new_type!r} is not allowed in an FSDP1 rank file")
+    return _ShardedRecord(state)
+
+
+def _never_called(*args):
+    raise pickle.UnpicklingError("_rebuild_wrapper_subclass is not called by pyrank's reader")
+
+
+def _restricted_getattr(obj, name):
+    if obj is _ShardedTensorClass and name == "ProcessGroupState":
+        return _Record
+    raise pickle.UnpicklingError(f"getattr({obj!r}, {name!r}) is not allowed in an FSDP1 rank file")
+
+
+def _int_value(v):
+    return int(v)
+
+
+_FSDP1_GLOBALS = {
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_wrapper_subclass"): _never_called,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch", "device"): torch.device,
+    ("torch", "Size"): torch.Size,
+    ("builtins", "getattr"): _restricted_getattr,
+    ("__builtin__", "getattr"): _restricted_getattr,
+    ("torch.distributed._shard.sharded_tensor.api", "ShardedTensor"): _ShardedTensorClass,
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _int_value,
+    **{key: _Record for key in (
+        ("torch.distributed._shard.sharded_tensor.shard", "Shard"),
+        ("torch.distributed._shard.metadata", "ShardMetadata"),
+        ("torch.distributed.remote_device", "_remote_device"),
+        ("torch.distributed._shard.sharded_tensor.metadata", "ShardedTensorMetadata"),
+        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+        ("torch.distributed._shard.sharding_spec.chunk_sharding_spec", "ChunkShardingSpec"))},
+}
+_TORCH_DTYPE_NAMES = {"bfloat16", "float16", "float32", "float64", "half", "float", "double", "int64", "int32",
+                      "int16", "int8", "uint8", "bool"}
+
+
+class _ShardedTensorUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "torch" and name in _TORCH_DTYPE_NAMES:
+            return getattr(torch, name)
+        if (module, name) in _FSDP1_GLOBALS:
+            return _FSDP1_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in an FSDP1 rank file")
+
+
+def _restricted_load(file, **kwargs):
+    return _ShardedTensorUnpickler(file, **kwargs).load()
+
+
+# torch.load's pickle_module: torch subclasses its Unpickler (storages are resolved by torch
+# itself, by type name; every other global goes through find_class above)
+_FSDP1_PICKLE = types.SimpleNamespace(__name__="pyrank_fsdp1_pickle", Unpickler=_ShardedTensorUnpickler,
+                                      load=_restricted_load)
+
+
+def _load_fsdp1(p):
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_FSDP1_PICKLE, mmap=True)
+    except Exception as exc:
+        raise PyrankIOError(f"{p}: not loadable as an FSDP1 rank file ({short(exc)}); a truncated file, or "
+                            "not one") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, (torch.Tensor, _ShardedRecord)) for v in sd.values()):
+        raise PyrankIOError(f"{p}: not a state dict of tensors")
+    return sd
+
+
+def _assemble(name, records, files):
+    """The whole tensor from every rank's local shards, each copied in at its offsets; the
+    global metadata (the same in every file) must list exactly the shards found."""
+    first = records[0]
+    out = torch.empty(first.shape, dtype=first.dtype)
+    want = {}
+    for sm in getattr(first.metadata, "shards_metadata", []):
+        want[tuple(sm.shard_offsets)] = tuple(sm.shard_sizes)
+    got = 0
+    for f, rec in zip(files, records):
+        if tuple(rec.shape) != tuple(first.shape) or rec.dtype != first.dtype:
+            raise PyrankIOError(f"{f}: tensor {name!r} is {list(rec.shape)} {rec.dtype} there, "
+                                f"{list(first.shape)} {first.dtype} in {files[0]}")
+        for sh in rec.local_shards:
+            t, meta = getattr(sh, "tensor", None), getattr(sh, "metadata", None)
+            offs, sizes = tuple(getattr(meta, "shard_offsets", ())), tuple(getattr(meta, "shard_sizes", ()))
+            if not isinstance(t, torch.Tensor) or want.get(offs) != sizes or tuple(t.shape) != sizes:
+                raise PyrankIOError(f"{f}: a shard of {name!r} at {list(offs)} does not match the global metadata")
+            out[tuple(slice(o, o + n) for o, n in zip(offs, sizes))] = t
+            got += 1
+    if got != len(want):
+        raise PyrankIOError(f"{files[0]}: the rank files hold {got} of the {len(want)} shards of {name!r}")
+    return out
