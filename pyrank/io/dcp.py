@@ -36,6 +36,9 @@ _ALLOWED = {
         "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # Megatron-core's torch_dist format also pickles its cached save plans into .metadata
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                             "BytesIOWriteData"},
     "torch.serialization": {"_get_layout"},
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
     "collections": {"OrderedDict"},
@@ -123,10 +126,26 @@ class DCPWeights(Mapping):
     def __getitem__(self, name):
         if name not in self._tensors:
             raise KeyError(name)
+        size = tuple(self._tensors[name][0].size)
+        return self.rows(name, 0, size[0]) if size else self._read(name, None)
+
+    def rows(self, name, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` (along its first axis): only the chunks that
+        hold some of them are read (e.g. one layer of Megatron's layer-stacked tensors)."""
+        size = tuple(self._tensors[name][0].size)
+        if not size or not 0 <= start <= stop <= size[0]:
+            raise IndexError(f"rows [{start}, {stop}) of {name!r} {list(size)}")
+        return self._read(name, (start, stop))
+
+    def _read(self, name, span):
         md, chunks = self._tensors[name]
         whole = tuple(md.size)
+        lo, hi = span if span is not None else (0, 1)
+        want = (hi - lo,) + whole[1:] if span is not None else whole
         out = None
         for offsets, sizes, info in chunks:
+            if span is not None and not (offsets[0] < hi and lo < offsets[0] + sizes[0]):
+                continue  # none of the asked rows in this chunk: not read
             p = os.path.join(self.path, str(info.relative_path))
             try:
                 with open(p, "rb") as f:  # torch.load reads the chunk's archive in place: no bytes copy
@@ -137,12 +156,17 @@ class DCPWeights(Mapping):
                     or chunk.dtype != md.properties.dtype:
                 raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} "
                                     f"{md.properties.dtype} its metadata says")
-            if len(chunks) == 1 and tuple(sizes) == whole:
-                return chunk  # the whole tensor: already a tensor of its own
+            if tuple(sizes) == want and (span is None or offsets[0] == lo):
+                return chunk  # exactly what was asked: already a tensor of its own
             if out is None:
-                out = torch.empty(whole, dtype=md.properties.dtype)
+                out = torch.empty(want, dtype=md.properties.dtype)
+            if span is not None:  # the chunk's rows inside [lo, hi)
+                a, b = max(lo, offsets[0]), min(hi, offsets[0] + sizes[0])
+                chunk = chunk[a - offsets[0]:b - offsets[0]]
+                offsets = (a - lo,) + tuple(offsets[1:])
+                sizes = (b - a,) + tuple(sizes[1:])
             out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = chunk
-        return out if out is not None else torch.empty(whole, dtype=md.properties.dtype)
+        return out if out is not None else torch.empty(want, dtype=md.properties.dtype)
 
     def __contains__(self, name):
         return name in self._tensors

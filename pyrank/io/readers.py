@@ -257,8 +257,9 @@ def open_weights(path: str) -> Mapping:
         raise PyrankIOError(f"{path}: no weights found (expected {_SINGLE}, {_INDEX} with shards, a .pt/.bin "
                             "state dict, a torch Distributed Checkpoint: .metadata with .distcp files, or "
                             "pytorch_model_fsdp_0/ as HF Trainer's FSDP runs write it, verl's FSDP rank files "
-                            "model_world_size_W_rank_R.pt with fsdp_config.json, or a DeepSpeed ZeRO checkpoint: "
-                            "*model_states.pt, or a latest file naming one)")
+                            "model_world_size_W_rank_R.pt with fsdp_config.json, a DeepSpeed ZeRO checkpoint: "
+                            "*model_states.pt, or a latest file naming one, or a Megatron torch_dist checkpoint: "
+                            "metadata.json with .metadata)")
     return opener()
 
 
@@ -285,7 +286,12 @@ def _layout(d: str):
             raise PyrankIOError(f"{d}: sharded .bin checkpoints are not supported; convert to safetensors")
         return refuse
     from .dcp import is_dcp
+    from .megatron import MegatronWeights, megatron_dir
 
+    for sub in (d, os.path.join(d, "actor")):  # verl's megatron backend: global_step_N/actor/dist_ckpt/
+        mg = megatron_dir(sub)
+        if mg is not None:  # (a DCP too: the Megatron reader gives its tensors HF names)
+            return lambda: MegatronWeights(mg)
     if is_dcp(d) or _fsdp_dcp_dirs(d):
         return lambda: _dcp_weights(d)
     for sub in (d, os.path.join(d, "actor")):  # verl: global_step_N/actor/
@@ -359,6 +365,7 @@ _PATTERNS = [  # (regex on the entry name, where the weights may be inside it, f
     (re.compile(r"^global_step_(\d+)$"), (os.path.join("actor", "huggingface"), "actor")),
     (re.compile(r"^global_step(\d+)_hf$"), ("",)),
     (re.compile(r"^global_step(\d+)$"), ("",)),  # DeepSpeed's tag directories (OpenRLHF: ckpt/_actor/)
+    (re.compile(r"^iter_(\d+)$"), ("",)),  # Megatron-LM
 ]
 _OPENRLHF_ACTOR = "_actor"
 
@@ -379,13 +386,15 @@ def _trainer_step(d: str) -> Optional[int]:
     return None
 
 
-_STEP_NAMES = [re.compile(r"checkpoint-(\d+)$"), re.compile(r"global_step_?(\d+)(_hf)?$")]
+_STEP_NAMES = [re.compile(r"checkpoint-(\d+)$"), re.compile(r"global_step_?(\d+)(_hf)?$"),
+               re.compile(r"^iter_(\d+)$")]
 
 
 def step_of(path: str) -> Optional[int]:
     """The training step of a checkpoint directory or file: ``trainer_state.json``'s
     ``global_step`` when present, else its name (``checkpoint-N``, ``global_step_N`` — also
-    seen through verl's ``…/actor/huggingface`` — or ``global_stepN_hf``); None if neither says."""
+    seen through verl's ``…/actor/huggingface`` — ``global_stepN_hf``, ``iter_N``); None if
+    neither says."""
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     if parts[-2:] == ["actor", "huggingface"]:  # verl
         parts = parts[:-2]
@@ -407,7 +416,8 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
 
     The step comes from ``trainer_state.json``'s ``global_step`` when present, else from
     the folder name (``checkpoint-N``, ``global_step_N``, ``global_stepN_hf``, DeepSpeed's
-    ``global_stepN``); an OpenRLHF ``ckpt/`` is searched in its ``_actor/``.
+    ``global_stepN``, Megatron-LM's ``iter_NNNNNNN``); an OpenRLHF ``ckpt/`` is searched in
+    its ``_actor/``.
     """
     if not os.path.isdir(run_dir):
         raise PyrankIOError(f"{run_dir}: not a directory")
@@ -430,5 +440,5 @@ def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
         return find_checkpoints(os.path.join(run_dir, _OPENRLHF_ACTOR))  # OpenRLHF: ckpt/_actor/global_stepN
     if not found:
         raise PyrankIOError(f"{run_dir}: no checkpoints (expected checkpoint-N/, global_step_N/actor/"
-                            "huggingface/, global_stepN_hf/ or DeepSpeed's global_stepN/ folders)")
+                            "huggingface/, global_stepN_hf/, DeepSpeed's global_stepN/ or Megatron's iter_N/ folders)")
     return sorted(found.items())
