@@ -43,7 +43,12 @@ for stage in (1, 2, 3):
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
                  "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=model.parameters())
+    # two parameter groups, as OpenRLHF and HF Trainer make them (no weight decay on norms):
+    # ZeRO-3 then keeps one flat fp32 partition per group and rank
+    decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(1, 7):
         ids = torch.randint(0, 16, (4, 10), generator=g)
