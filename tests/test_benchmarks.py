@@ -20,7 +20,7 @@ CASES = {
     "bench_lowrank": ["--small", "--repeats", "1"],
     "bench_io": ["--layers", "1", "--hidden", "64", "--mlp", "128", "--checkpoints", "2"],
     "bench_series": ["--shape", "tiny", "--steps", "2"],
-    "bench_formats": ["--shape", "tiny", "--layers", "2", "--steps", "2"],
+    "bench_formats": ["--shape", "tiny", "--layers", "2", "--steps", "2", "--deepspeed", "3"],
 }
 
 
