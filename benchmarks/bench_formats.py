@@ -86,6 +86,7 @@ def main():
     root = tempfile.mkdtemp(prefix="pyrank-bench-formats-")
     try:
         write_series(root, cfg, args.layers, args.steps)
+        os.sync()  # the written series' dirty pages flushed now, not during the first timed run
         base = os.path.join(root, "base")
         steps = range(1, args.steps + 1)
         dcp_dirs = [os.path.join(root, "dcp", f"checkpoint-{s}") for s in steps]
@@ -142,6 +143,7 @@ def deepspeed_rows(root, args, base, hf_report):
                         str(args.steps), str(args.deepspeed)], capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"the DeepSpeed writer failed: {p.stderr[-3000:]}")
+    os.sync()
     actor = os.path.join(root, "ds", "_actor")
     tags = [os.path.join(actor, f"global_step{s}") for s in range(1, args.steps + 1)]
     stage = args.deepspeed

@@ -182,11 +182,12 @@ def resolve_device(device: str = "auto"):
     return torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
-def _open(path, device):
+def _open(path, device, opened: Optional[Mapping] = None):
+    """``path``'s weights (``opened``: already opened by the caller) on ``device``."""
     from .io import open_weights
     from .io.readers import OnDevice
 
-    w = open_weights(path)
+    w = open_weights(path) if opened is None else opened
     return OnDevice(w, device) if device.type != "cpu" else w
 
 
@@ -775,6 +776,7 @@ class _Settled:
 
     def __init__(self, run_dir: str, settle: float):
         self.run_dir, self.settle, self.seen = run_dir, settle, {}
+        self.opened: Dict[str, Mapping] = {}  # path → its weights as last opened (reused once settled)
 
     def __call__(self, step: float, path: str) -> bool:
         import time
@@ -790,10 +792,11 @@ class _Settled:
             except (OSError, ValueError):
                 return False  # being rewritten
         try:
-            files = _files_of(open_weights(path), path)
-            stamp = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
+            self.opened[path] = w = open_weights(path)
+            stamp = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in _files_of(w, path))
         except (PyrankIOError, OSError):
             self.seen.pop(path, None)
+            self.opened.pop(path, None)
             return False
         now = time.monotonic()
         first = self.seen.get(path)
@@ -833,7 +836,8 @@ def watch_run(base: str, run_dir: str, out: str, options: Optional[WatchOptions]
         seen = {s for s, _, _ in done}
         fresh = [(s, p) for s, p in _candidates(run_dir) if s not in seen and settled(s, p)]
         for step, path in fresh:
-            ckpt = (step, path, _open(path, dev))
+            # (the headers _Settled checked, unchanged since: its stamp covers every file)
+            ckpt = (step, path, _open(path, dev, settled.opened.pop(path, None)))
             check_series(base_w, [ckpt], names, options.k)
             series = Series(base, base_w, sorted(done + [ckpt], key=lambda c: c[0]), names, {}, run_dir)
             tr, new = _track(series, [ckpt], names, options.k, options.backend, aopts, tr, None, options.quiet)

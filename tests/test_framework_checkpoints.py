@@ -163,3 +163,29 @@ def test_fsdp1_rank_files_are_never_unpickled_freely(fsdp_run, tmp_path, payload
     with pytest.raises(PyrankIOError, match=rf"rank_1\.pt: not loadable as an FSDP1 rank file .*({want})"):
         open_weights(str(actor))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_dcp_chunks_read_raw_are_what_torch_load_reads(fsdp_run, tmp_path, monkeypatch):
+    """Chunks are read from their archives' storage records straight into place; torch's own
+    loader (the fallback for any other archive) reads the same values, and a row range reads
+    the same rows."""
+    import pyrank.io.dcp as dcp_mod
+
+    w = open_weights(str(fsdp_run / "dcp" / "checkpoint-4"))
+    fast = {n: w[n] for n in w}
+    rows = {n: w.rows(n, 1, 3) for n in w if w.shape_dtype(n)[0][0] >= 3}
+    monkeypatch.setattr(dcp_mod, "_raw_record", lambda f, info: None)
+    for n in w:
+        assert torch.equal(fast[n], w[n]), n
+    for n, r in rows.items():
+        assert torch.equal(r, w[n][1:3]), n
+    monkeypatch.undo()
+    # a chunk file cut short after the checkpoint was opened: named, not a crash
+    ck = tmp_path / "checkpoint-4"
+    shutil.copytree(fsdp_run / "dcp" / "checkpoint-4", ck)
+    w = open_weights(str(ck))
+    shard = ck / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(PyrankIOError, match=r"__1_0\.distcp: (ends inside a chunk|cannot read chunk)"):
+        for n in w:
+            w[n]

@@ -6,8 +6,13 @@ state dict), and HF Trainer/accelerate FSDP runs with ``SHARDED_STATE_DICT``
 ``.metadata`` (a pickle: every tensor's dtype, size and chunks, and where each chunk's
 bytes are) and ``__R_I.distcp`` files (each chunk ``torch.save``-serialized at an offset).
 
-Reading a tensor reads only its chunks' byte ranges; each chunk is deserialized with
-``torch.load(weights_only=True)`` and copied into place in the full tensor.
+Reading a tensor reads only its chunks' byte ranges (``rows(name, a, b)``: only the chunks
+holding those rows, e.g. one layer of Megatron's layer-stacked tensors). A chunk whose
+archive holds one contiguous tensor in a stored little-endian record — what DCP writes — is
+read straight from that record into its place in the result (one ``readinto``; a column
+block goes through one temporary): its ``data.pkl`` is read by ``_RecordUnpickler``, which
+only describes the tensor (record, dtype, offset, size, stride) and admits nothing else.
+Any other archive goes through ``torch.load(weights_only=True)`` and is copied into place.
 
 Safety: torch's own reader unpickles ``.metadata`` with plain ``pickle.load`` (arbitrary
 code). pyrank unpickles it with a restricted unpickler that resolves only the globals a DCP
@@ -20,6 +25,7 @@ by name. Chunks compressed or otherwise transformed by storage extensions are re
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -49,8 +55,32 @@ _TORCH_NAMES = {"Size", "strided", "sparse_coo", "sparse_csr"} | {
                                    torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64)}
 
 
+class _Record:
+    """An inert stand-in for one of DCP's metadata classes: its pickled fields and nothing
+    else. (Resolving the real classes would import torch.distributed.checkpoint: ~0.7 s.)"""
+
+    def __init__(self, *args):  # an enum rebuilt from its value (_MEM_FORMAT_ENCODING)
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and all(x is None or isinstance(x, dict) for x in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif type(self).__name__ == "TensorProperties":  # its __getstate__: a tuple, dtype first
+            self.dtype = state[0]
+        else:
+            self.state = state
+
+
+_STAND_INS = {(module, name): type(name, (_Record,), {}) for module, names in _ALLOWED.items()
+              if module.startswith("torch.distributed.checkpoint") for name in names}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if (module, name) in _STAND_INS:
+            return _STAND_INS[(module, name)]
         if (module == "torch" and name in _TORCH_NAMES) or name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a DCP metadata file")
@@ -73,7 +103,9 @@ class DCPWeights(Mapping):
         try:
             with open(meta_path, "rb") as f:
                 meta = _MetadataUnpickler(f).load()
-            sd_meta, storage = meta.state_dict_metadata, meta.storage_data
+            sd_meta = meta.state_dict_metadata
+            # keyed as DCP's MetadataIndex compares: by tensor name and chunk offset
+            storage = {(k.fqn, tuple(getattr(k, "offset", None) or ())): v for k, v in meta.storage_data.items()}
         except Exception as exc:
             raise PyrankIOError(f"{meta_path}: not a readable DCP metadata file ({short(exc)})") from None
         self._tensors: Dict[str, Tuple[object, List[Tuple[tuple, tuple, object]]]] = {}
@@ -82,7 +114,7 @@ class DCPWeights(Mapping):
                 continue
             chunks = []
             for i, ch in enumerate(md.chunks):
-                info = storage.get(_index(fqn, ch.offsets, i))
+                info = storage.get((fqn, tuple(ch.offsets)))
                 if info is None:
                     raise PyrankIOError(f"{meta_path}: no storage entry for chunk {i} of {fqn!r}")
                 if getattr(info, "transform_descriptors", None):
@@ -140,33 +172,49 @@ class DCPWeights(Mapping):
     def _read(self, name, span):
         md, chunks = self._tensors[name]
         whole = tuple(md.size)
+        dtype = md.properties.dtype
         lo, hi = span if span is not None else (0, 1)
         want = (hi - lo,) + whole[1:] if span is not None else whole
-        out = None
+        out = torch.empty(want, dtype=dtype)
         for offsets, sizes, info in chunks:
-            if span is not None and not (offsets[0] < hi and lo < offsets[0] + sizes[0]):
-                continue  # none of the asked rows in this chunk: not read
+            offsets, sizes = tuple(offsets), tuple(sizes)
+            if span is not None:
+                a, b = max(lo, offsets[0]), min(hi, offsets[0] + sizes[0])
+                if a >= b:
+                    continue  # none of the asked rows in this chunk: not read
+            else:
+                a, b = (offsets[0], offsets[0] + sizes[0]) if sizes else (0, 1)
             p = os.path.join(self.path, str(info.relative_path))
+            # where the chunk's rows [a, b) go in ``out``
+            dst = (slice(a - lo, b - lo),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:])) \
+                if sizes else ()
             try:
-                with open(p, "rb") as f:  # torch.load reads the chunk's archive in place: no bytes copy
+                with open(p, "rb") as f:
+                    rec = _raw_record(f, info)
+                    if rec is not None:  # the chunk's bytes straight into place (or one temporary)
+                        start, got_dtype, got_size = rec
+                        if got_dtype != dtype or got_size != sizes:
+                            raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} {dtype} "
+                                                "its metadata says")
+                        row = math.prod(sizes[1:]) * out.element_size() if sizes else out.element_size()
+                        target = out[dst]
+                        in_place = target.is_contiguous()  # whole rows of ``out``: read straight there
+                        if not in_place:  # a column block: read it whole, then copy it into place
+                            target = torch.empty(target.shape, dtype=dtype)
+                        _read_exact(f, start + (a - offsets[0]) * row if sizes else start, target, p)
+                        if not in_place:
+                            out[dst] = target
+                        continue
+                    # not a plain little-endian stored record: torch's own loader
                     chunk = torch.load(_Slice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            except PyrankIOError:
+                raise
             except Exception as exc:
                 raise PyrankIOError(f"{p}: cannot read chunk of tensor {name!r} ({short(exc)})") from None
-            if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != tuple(sizes) \
-                    or chunk.dtype != md.properties.dtype:
-                raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} "
-                                    f"{md.properties.dtype} its metadata says")
-            if tuple(sizes) == want and (span is None or offsets[0] == lo):
-                return chunk  # exactly what was asked: already a tensor of its own
-            if out is None:
-                out = torch.empty(want, dtype=md.properties.dtype)
-            if span is not None:  # the chunk's rows inside [lo, hi)
-                a, b = max(lo, offsets[0]), min(hi, offsets[0] + sizes[0])
-                chunk = chunk[a - offsets[0]:b - offsets[0]]
-                offsets = (a - lo,) + tuple(offsets[1:])
-                sizes = (b - a,) + tuple(sizes[1:])
-            out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = chunk
-        return out if out is not None else torch.empty(want, dtype=md.properties.dtype)
+            if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != sizes or chunk.dtype != dtype:
+                raise PyrankIOError(f"{p}: chunk of tensor {name!r} is not the {list(sizes)} {dtype} its metadata says")
+            out[dst] = chunk[a - offsets[0]:b - offsets[0]] if sizes else chunk
+        return out
 
     def __contains__(self, name):
         return name in self._tensors
@@ -212,7 +260,81 @@ class _Slice(io.RawIOBase):
         return got
 
 
-def _index(fqn, offsets, i):
-    from torch.distributed.checkpoint.metadata import MetadataIndex
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
 
-    return MetadataIndex(fqn, torch.Size(offsets), i)
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Reads a chunk archive's data.pkl as a description of one tensor — its storage record,
+    dtype, offset, size and stride — and builds nothing; anything but one plain tensor is
+    refused (the caller then falls back to torch.load)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: ("tensor", storage, offset, tuple(size), tuple(stride))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return ("dtype", _STORAGE_DTYPES[name])
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], tuple)):
+            raise pickle.UnpicklingError("not a storage record")
+        return ("storage", pid[1][1], str(pid[2]), int(pid[4]))
+
+
+def _raw_record(f, info):
+    """(absolute file offset of the chunk tensor's first byte, dtype, size) when the chunk's
+    torch.save archive holds one contiguous tensor in a stored (uncompressed), little-endian
+    record; else None."""
+    import struct
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(_Slice(f, info.offset, info.length))
+        names = {zi.filename: zi for zi in z.infolist()}
+        pkl = [n for n in names if n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            return None
+        prefix = pkl[0][:-len("data.pkl")]
+        order = names.get(prefix + "byteorder")
+        if order is not None and z.read(order) != b"little":
+            return None
+        desc = _RecordUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        kind, storage, offset, size, stride = desc
+        _, dtype, key, numel = storage
+        rec = names.get(prefix + "data/" + key)
+        if kind != "tensor" or rec is None or rec.compress_type != zipfile.ZIP_STORED:
+            return None
+        item = torch.empty(0, dtype=dtype).element_size()
+        contiguous, acc = [], 1
+        for n in reversed(size):
+            contiguous.insert(0, acc)
+            acc *= n
+        if (math.prod(size) > 1 and list(stride) != contiguous) or offset + math.prod(size) > numel \
+                or rec.file_size != numel * item:
+            return None
+        f.seek(info.offset + rec.header_offset)
+        head = f.read(30)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        start = info.offset + rec.header_offset + 30 + name_len + extra_len + offset * item
+        return start, dtype, tuple(size)
+    except Exception:
+        return None
+
+
+def _read_exact(f, start: int, into: torch.Tensor, path: str) -> None:
+    """``into``'s bytes from ``f`` at ``start``, or an error naming ``path`` if it ends early."""
+    view = memoryview(into.reshape(-1).view(torch.uint8).numpy()) if into.numel() else memoryview(b"")
+    f.seek(start)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise PyrankIOError(f"{path}: ends inside a chunk (truncated?)")
+        got += n
