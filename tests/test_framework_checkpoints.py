@@ -189,3 +189,21 @@ def test_dcp_chunks_read_raw_are_what_torch_load_reads(fsdp_run, tmp_path, monke
     with pytest.raises(PyrankIOError, match=r"__1_0\.distcp: (ends inside a chunk|cannot read chunk)"):
         for n in w:
             w[n]
+
+
+VERL_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verl-0.9.1")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_rank_files_written_by_verls_own_checkpoint_manager(version):
+    """Files verl 0.9.1's FSDPCheckpointManager.save_checkpoint wrote (tests/data/verl-0.9.1/
+    make.py says how): found in the run directory and read as the gathered weights, bit for bit."""
+    found = find_checkpoints(os.path.join(VERL_DATA, f"v{version}"))
+    assert [s for s, _ in found] == [1] and found[0][1].endswith(os.path.join("global_step_1", "actor"))
+    w = open_weights(found[0][1])
+    assert w.layout == f"verl FSDP{version} rank files (world size 2)"
+    ref = load_file(os.path.join(VERL_DATA, f"ref{version}", "model.safetensors"))
+    assert set(w) == set(ref) and len(ref) == 27
+    for n, t in ref.items():
+        assert w.shape_dtype(n) == (tuple(t.shape), str(t.dtype))
+        assert torch.equal(w[n], t), n
