@@ -113,9 +113,15 @@ def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path, run, twin, bas
         assert f"debug: {base}: safetensors" in p.stderr  # which reader each input got
         assert (f"verl FSDP{version} rank files (world size 2)" if kind == run else "checkpoint-6: safetensors") \
             in p.stderr
+        p = cli("extrapolate", base, "--run-dir", fsdp_run / kind, "--to-step", "10", "--out",
+                tmp_path / f"x-{kind}", "--quiet")
+        assert p.returncode == 0, p.stderr
     a = json.load(open(tmp_path / run / "report.json"))
     b = json.load(open(tmp_path / twin / "report.json"))
     assert a["modules"] == b["modules"]
+    # the predicted models, written over the last checkpoint of each layout: equal tensor for tensor
+    xa, xb = open_weights(str(tmp_path / f"x-{run}")), open_weights(str(tmp_path / f"x-{twin}"))
+    assert set(xa) == set(xb) and all(torch.equal(xa[n], xb[n]) for n in xb)
 
 
 @pytest.mark.parametrize("run,version", [("verl", 2), ("verl1", 1)])

@@ -68,9 +68,14 @@ def test_analyze_a_megatron_series_as_its_hf_copy(mg_run, tmp_path):
         p = pyrank_cli("analyze", base, "--run-dir", run, "--k", "2", "--out", tmp_path / f"a-{kind}", "--quiet",
                        env=ENV)
         assert p.returncode == 0, p.stderr
+        p = pyrank_cli("extrapolate", base, "--run-dir", run, "--to-step", "10", "--out", tmp_path / f"x-{kind}",
+                       "--quiet", env=ENV)
+        assert p.returncode == 0, p.stderr
     a = json.load(open(tmp_path / "a-mg" / "report.json"))
     b = json.load(open(tmp_path / "a-hf" / "report.json"))
     assert len(a["modules"]) == 7 * LAYERS and a["modules"] == b["modules"]
+    xa, xb = open_weights(str(tmp_path / "x-mg")), open_weights(str(tmp_path / "x-hf"))  # the predicted models
+    assert set(xa) == set(xb) == qwen2_names(LAYERS) and all(torch.equal(xa[n], xb[n]) for n in xb)
 
 
 def test_a_megatron_checkpoint_without_its_config_or_a_shard_is_named(mg_run, tmp_path):
