@@ -34,6 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .errors import PyrankIOError, short
+from .unpickle import Record, TensorPropertiesRecord
 
 METADATA = ".metadata"
 
@@ -55,26 +56,10 @@ _TORCH_NAMES = {"Size", "strided", "sparse_coo", "sparse_csr"} | {
                                    torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64)}
 
 
-class _Record:
-    """An inert stand-in for one of DCP's metadata classes: its pickled fields and nothing
-    else. (Resolving the real classes would import torch.distributed.checkpoint: ~0.7 s.)"""
-
-    def __init__(self, *args):  # an enum rebuilt from its value (_MEM_FORMAT_ENCODING)
-        self.args = args
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and all(x is None or isinstance(x, dict) for x in state):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        elif type(self).__name__ == "TensorProperties":  # its __getstate__: a tuple, dtype first
-            self.dtype = state[0]
-        else:
-            self.state = state
-
-
-_STAND_INS = {(module, name): type(name, (_Record,), {}) for module, names in _ALLOWED.items()
-              if module.startswith("torch.distributed.checkpoint") for name in names}
+# DCP's own classes become inert records (resolving them would import torch.distributed.checkpoint: ~0.7 s)
+_STAND_INS = {(module, name): type(name, (TensorPropertiesRecord if name == "TensorProperties" else Record,), {})
+              for module, names in _ALLOWED.items() if module.startswith("torch.distributed.checkpoint")
+              for name in names}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -146,10 +131,6 @@ class DCPWeights(Mapping):
     def shape_dtype(self, name):
         md, _ = self._tensors[name]
         return tuple(md.size), str(md.properties.dtype)
-
-    def nbytes(self, name) -> int:
-        md, _ = self._tensors[name]
-        return md.size.numel() * torch.empty(0, dtype=md.properties.dtype).element_size()
 
     def file_of(self, name) -> str:
         return os.path.join(self.path, str(self._tensors[name][1][0][2].relative_path)) \

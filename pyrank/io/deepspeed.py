@@ -28,7 +28,7 @@ Safety: every file goes through ``torch.load(weights_only=True, mmap=True)`` —
 read until a tensor is asked for, then only its pages. A ZeRO-3 optimizer file also pickles
 two DeepSpeed objects, ``ZeroStageEnum`` (an int enum) and a ``LossScaler``/
 ``DynamicLossScaler`` (scalars); they are admitted under their names as inert stand-ins (the
-enum becomes its int, the scaler an empty object): DeepSpeed itself is never imported and no
+enum becomes its int, the scaler an inert record of its fields): DeepSpeed itself is never imported and no
 other global is allowed. Tensor (``mp_rank_01…``) and pipeline (``layer_*``) parallel
 checkpoints are refused with a clear error: not read yet.
 """
@@ -42,7 +42,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import PyrankIOError, short
+from .errors import PyrankIOError
+from .unpickle import Record, int_value, load_weights_only
 
 LATEST = "latest"
 _Z12_MODEL = "mp_rank_00_model_states.pt"
@@ -80,34 +81,16 @@ def deepspeed_tag_dir(path: str) -> Optional[str]:
     return os.path.join(path, tags[0]) if len(tags) == 1 else None
 
 
-class _Inert:
-    """What a DeepSpeed loss scaler unpickles to here: an object with nothing in it."""
-
-    def __setstate__(self, state):
-        pass
-
-
-def _int_enum(value):
-    return int(value)
-
-
-_STAND_INS = [(_int_enum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-              (_Inert, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-              (_Inert, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")]
+_STAND_INS = [(int_value, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+              (Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+              (Record, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")]
 
 
 def _load(p: str, what: str, stand_ins: bool = False):
     from .readers import _regular_file
 
-    _regular_file(p, what)
-    try:
-        if stand_ins:
-            with torch.serialization.safe_globals(_STAND_INS):
-                return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise PyrankIOError(f"{p}: not loadable with torch.load(weights_only=True) ({short(exc)}); a truncated "
-                            f"file, or not a DeepSpeed {what}") from None
+    return load_weights_only(_regular_file(p, what), f"a truncated file, or not a DeepSpeed {what}",
+                             _STAND_INS if stand_ins else ())
 
 
 def _get(d, key, p, kind=None):
@@ -275,10 +258,6 @@ class DeepSpeedWeights(Mapping):
         if n not in self._parts:
             raise KeyError(name)
         return self._parts[n][2], str(self._out_dtype(n))
-
-    def nbytes(self, name) -> int:
-        shape, dtype = self.shape_dtype(name)
-        return math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype.split(".")[1])).element_size()
 
     def file_of(self, name) -> str:
         return self._files[0]

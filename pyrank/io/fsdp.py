@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -39,6 +38,7 @@ from collections.abc import Mapping
 import torch
 
 from .errors import PyrankIOError, short
+from .unpickle import Record, TensorPropertiesRecord, int_value, load_weights_only
 
 FSDP_CONFIG = "fsdp_config.json"
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -97,10 +97,7 @@ class FSDPShardedWeights(Mapping):
         level = log.level
         log.setLevel(logging.ERROR)  # unpickling a mesh without process groups warns, harmlessly here
         try:
-            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise PyrankIOError(f"{p}: not loadable with torch.load(weights_only=True) ({short(exc)}); a "
-                                "truncated file, or not an FSDP2 rank file") from None
+            sd = load_weights_only(p, "a truncated file, or not an FSDP2 rank file")
         finally:
             log.setLevel(level)
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -130,10 +127,6 @@ class FSDPShardedWeights(Mapping):
         v = self._parts[0][name]
         return tuple(v.shape), str(v.dtype)
 
-    def nbytes(self, name) -> int:
-        shape, dtype = self.shape_dtype(name)
-        return math.prod(shape) * torch.empty(0, dtype=self._parts[0][name].dtype).element_size()
-
     def file_of(self, name) -> str:
         return self._files[0]
 
@@ -162,27 +155,11 @@ class FSDPShardedWeights(Mapping):
 
 # -- FSDP1: ShardedTensor without a process group -------------------------------------------
 
-class _Record:
-    """An inert stand-in for one of ShardedTensor's metadata objects: its pickled fields,
-    nothing else (no __init__ runs, no method of the real class exists)."""
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) as pickle gives them
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.state = state  # e.g. TensorProperties' tuple
-
-
 class _ShardedTensorClass:
     """What the name ``ShardedTensor`` resolves to: a marker; only ``ProcessGroupState`` is an
     attribute of it."""
 
-    ProcessGroupState = _Record
+    ProcessGroupState = Record
 
 
 class _ShardedRecord:
@@ -190,12 +167,12 @@ class _ShardedRecord:
 
     def __init__(self, state):
         if not (isinstance(state, tuple) and len(state) >= 2 and isinstance(state[0], list)
-                and isinstance(state[1], _Record)):
+                and isinstance(state[1], Record)):
             raise pickle.UnpicklingError("a ShardedTensor whose state is not (local shards, metadata, …)")
         self.local_shards, self.metadata = state[0], state[1]
         size = getattr(self.metadata, "size", None)
         props = getattr(self.metadata, "tensor_properties", None)
-        dtype = getattr(props, "dtype", None) or (getattr(props, "state", None) or (None,))[0]
+        dtype = getattr(props, "dtype", None)
         if not isinstance(size, torch.Size) or not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError("a ShardedTensor without its global size and dtype")
         self.shape, self.dtype = size, dtype
@@ -215,12 +192,8 @@ def _never_called(*args):
 
 def _restricted_getattr(obj, name):
     if obj is _ShardedTensorClass and name == "ProcessGroupState":
-        return _Record
+        return Record
     raise pickle.UnpicklingError(f"getattr({obj!r}, {name!r}) is not allowed in an FSDP1 rank file")
-
-
-def _int_value(v):
-    return int(v)
 
 
 _FSDP1_GLOBALS = {
@@ -234,14 +207,14 @@ _FSDP1_GLOBALS = {
     ("builtins", "getattr"): _restricted_getattr,
     ("__builtin__", "getattr"): _restricted_getattr,
     ("torch.distributed._shard.sharded_tensor.api", "ShardedTensor"): _ShardedTensorClass,
-    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _int_value,
-    **{key: _Record for key in (
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): int_value,
+    **{key: Record for key in (
         ("torch.distributed._shard.sharded_tensor.shard", "Shard"),
         ("torch.distributed._shard.metadata", "ShardMetadata"),
         ("torch.distributed.remote_device", "_remote_device"),
         ("torch.distributed._shard.sharded_tensor.metadata", "ShardedTensorMetadata"),
-        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
         ("torch.distributed._shard.sharding_spec.chunk_sharding_spec", "ChunkShardingSpec"))},
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"): TensorPropertiesRecord,
 }
 _TORCH_DTYPE_NAMES = {"bfloat16", "float16", "float32", "float64", "half", "float", "double", "int64", "int32",
                       "int16", "int8", "uint8", "bool"}

@@ -33,7 +33,6 @@ megatron-core's own modules compute with the weights it saved.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
@@ -170,10 +169,6 @@ class MegatronWeights(Mapping):
             shape = shape[1:]
         meta = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]), device="meta")
         return tuple(self._cut(meta, cut, key).shape), dtype
-
-    def nbytes(self, name) -> int:
-        shape, dtype = self.shape_dtype(name)
-        return math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype.split(".")[1])).element_size()
 
     def file_of(self, name) -> str:
         return self._dcp.file_of(self._map[name][0])

@@ -217,12 +217,9 @@ def _regular_file(path: str, what: str = "weight file") -> str:
 
 def _load_pt(path: str) -> _EagerWeights:
     _regular_file(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise PyrankIOError(
-            f"{path}: not loadable with torch.load(weights_only=True) ({short(exc)}); pyrank "
-            "never unpickles arbitrary objects — convert it to safetensors") from None
+    from .unpickle import load_weights_only
+
+    sd = load_weights_only(path, "pyrank never unpickles arbitrary objects — convert it to safetensors")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     elif isinstance(sd, dict) and len(sd) == 1 and isinstance(next(iter(sd.values())), dict) \
