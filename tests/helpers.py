@@ -87,3 +87,30 @@ def pyrank_cli(*args, env=None):
 
     return subprocess.run([sys.executable, "-m", "pyrank", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+def analyze_and_extrapolate(base, run, out, env, *flags):
+    """``pyrank [FLAGS] analyze BASE --run-dir RUN --k 2`` into OUT/analysis and ``pyrank
+    extrapolate … --to-step 10`` into OUT/prediction, as a user runs them (both must
+    succeed): (report.json's modules, analyze's stderr, the predicted model's weights)."""
+    import json
+    import os
+
+    from pyrank.io import open_weights
+
+    p = pyrank_cli(*flags, "analyze", base, "--run-dir", run, "--k", "2", "--out", os.path.join(out, "analysis"),
+                   "--quiet", env=env)
+    assert p.returncode == 0, p.stderr
+    q = pyrank_cli("extrapolate", base, "--run-dir", run, "--to-step", "10", "--out", os.path.join(out, "prediction"),
+                   "--quiet", env=env)
+    assert q.returncode == 0, q.stderr
+    with open(os.path.join(out, "analysis", "report.json")) as f:
+        modules = json.load(f)["modules"]
+    return modules, p.stderr, open_weights(os.path.join(out, "prediction"))
+
+
+def assert_same_weights(a, b):
+    """Two weight mappings hold the same names and, tensor for tensor, equal values."""
+    assert set(a) == set(b)
+    for n in b:
+        assert torch.equal(a[n], b[n]), n

@@ -2,7 +2,6 @@
 engine.save_checkpoint (ZeRO stages 1, 2 and 3, 2 ranks on gloo/CPU), compared with the
 bf16 module's weights saved as HF safetensors at the same step, and with DeepSpeed's own
 zero_to_fp32 reconstruction."""
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import pyrank_cli, run_writer
+from helpers import analyze_and_extrapolate, assert_same_weights, run_writer
 from pyrank.io import PyrankIOError, find_checkpoints, open_weights
 from pyrank.io.deepspeed import DeepSpeedWeights
 
@@ -26,10 +25,6 @@ STEPS = [2, 4, 6]
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory):
     return run_writer("deepspeed_save_script.py", tmp_path_factory.mktemp("deepspeed"), ENV)
-
-
-def cli(*args):
-    return pyrank_cli(*args, env=ENV)
 
 
 def twin(ds_run, stage, step):
@@ -83,17 +78,10 @@ def test_agrees_with_deepspeeds_zero_to_fp32(ds_run, tmp_path, stage):
 
 def test_analyze_and_extrapolate_a_zero3_series_as_its_hf_twin(ds_run, tmp_path):
     base = ds_run / "base"
-    for kind in ("z3", "z3_hf"):
-        p = cli("analyze", base, "--run-dir", ds_run / kind, "--k", "2", "--out", tmp_path / f"a-{kind}", "--quiet")
-        assert p.returncode == 0, p.stderr
-        p = cli("extrapolate", base, "--run-dir", ds_run / kind, "--to-step", "10", "--out",
-                tmp_path / f"x-{kind}", "--quiet")
-        assert p.returncode == 0, p.stderr
-    a = json.load(open(tmp_path / "a-z3" / "report.json"))
-    b = json.load(open(tmp_path / "a-z3_hf" / "report.json"))
-    assert a["modules"] == b["modules"]
-    xa, xb = open_weights(str(tmp_path / "x-z3")), open_weights(str(tmp_path / "x-z3_hf"))
-    assert set(xa) == set(xb) and all(torch.equal(xa[n], xb[n]) for n in xb)
+    a, _, xa = analyze_and_extrapolate(base, ds_run / "z3", tmp_path / "z3", ENV)
+    b, _, xb = analyze_and_extrapolate(base, ds_run / "z3_hf", tmp_path / "z3_hf", ENV)
+    assert a == b
+    assert_same_weights(xa, xb)
 
 
 def test_stage_1_2_never_open_the_optimizer_files(ds_run, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import pyrank_cli, run_writer
+from helpers import analyze_and_extrapolate, assert_same_weights, run_writer
 from pyrank.io import PyrankIOError, find_checkpoints, open_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,10 +20,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     return run_writer("fsdp_save_script.py", tmp_path_factory.mktemp("fsdp"), ENV)
-
-
-def cli(*args):
-    return pyrank_cli(*args, env=ENV)
 
 
 def same_as_hf(w, fsdp_run, step, twin="hf"):
@@ -45,20 +41,11 @@ def test_dcp_checkpoints_read_as_the_same_tensors(fsdp_run):
 
 def test_analyze_and_extrapolate_a_dcp_series_as_its_hf_twin(fsdp_run, tmp_path):
     base = fsdp_run / "base"
-    for kind in ("dcp", "hf"):
-        p = cli("analyze", base, "--run-dir", fsdp_run / kind, "--k", "2", "--out", tmp_path / f"a-{kind}", "--quiet")
-        assert p.returncode == 0, p.stderr
-        p = cli("extrapolate", base, "--run-dir", fsdp_run / kind, "--to-step", "10", "--out",
-                tmp_path / f"x-{kind}", "--quiet")
-        assert p.returncode == 0, p.stderr
-    a = json.load(open(tmp_path / "a-dcp" / "report.json"))
-    b = json.load(open(tmp_path / "a-hf" / "report.json"))
-    assert a["modules"] == b["modules"]  # same σ, vectors' drift, sparsity, R², passes
+    a, _, xa = analyze_and_extrapolate(base, fsdp_run / "dcp", tmp_path / "dcp", ENV)
+    b, _, xb = analyze_and_extrapolate(base, fsdp_run / "hf", tmp_path / "hf", ENV)
+    assert a == b  # same σ, vectors' drift, sparsity, R², passes
     # the predicted models: written over the last checkpoint of each layout, tensor for tensor equal
-    xa = open_weights(str(tmp_path / "x-dcp"))
-    xb = open_weights(str(tmp_path / "x-hf"))
-    assert set(xa) == set(xb)
-    assert all(torch.equal(xa[n], xb[n]) for n in xb)
+    assert_same_weights(xa, xb)
 
 
 def test_a_half_written_dcp_checkpoint_is_named(fsdp_run, tmp_path):
@@ -106,22 +93,14 @@ def test_verl_fsdp_rank_files_read_as_the_same_tensors(fsdp_run, run, twin, base
 @pytest.mark.parametrize("run,twin,base,version", VERL)
 def test_analyze_a_verl_series_as_its_hf_twin(fsdp_run, tmp_path, run, twin, base, version):
     base = fsdp_run / base
-    for kind in (run, twin):
-        p = cli("--debug", "analyze", base, "--run-dir", fsdp_run / kind, "--k", "2", "--out", tmp_path / kind,
-                "--quiet")
-        assert p.returncode == 0, p.stderr
-        assert f"debug: {base}: safetensors" in p.stderr  # which reader each input got
-        assert (f"verl FSDP{version} rank files (world size 2)" if kind == run else "checkpoint-6: safetensors") \
-            in p.stderr
-        p = cli("extrapolate", base, "--run-dir", fsdp_run / kind, "--to-step", "10", "--out",
-                tmp_path / f"x-{kind}", "--quiet")
-        assert p.returncode == 0, p.stderr
-    a = json.load(open(tmp_path / run / "report.json"))
-    b = json.load(open(tmp_path / twin / "report.json"))
-    assert a["modules"] == b["modules"]
+    a, err, xa = analyze_and_extrapolate(base, fsdp_run / run, tmp_path / run, ENV, "--debug")
+    assert f"debug: {base}: safetensors" in err  # which reader each input got
+    assert f"verl FSDP{version} rank files (world size 2)" in err
+    b, err, xb = analyze_and_extrapolate(base, fsdp_run / twin, tmp_path / twin, ENV, "--debug")
+    assert "checkpoint-6: safetensors" in err
+    assert a == b
     # the predicted models, written over the last checkpoint of each layout: equal tensor for tensor
-    xa, xb = open_weights(str(tmp_path / f"x-{run}")), open_weights(str(tmp_path / f"x-{twin}"))
-    assert set(xa) == set(xb) and all(torch.equal(xa[n], xb[n]) for n in xb)
+    assert_same_weights(xa, xb)
 
 
 @pytest.mark.parametrize("run,version", [("verl", 2), ("verl1", 1)])

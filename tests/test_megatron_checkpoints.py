@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from helpers import pyrank_cli, run_writer
+from helpers import analyze_and_extrapolate, assert_same_weights, run_writer
 from pyrank.io import PyrankIOError, find_checkpoints, open_weights, write_hf_dir
 
 pytest.importorskip("megatron.core")  # the writer; the reader never imports it
@@ -64,18 +64,11 @@ def test_analyze_a_megatron_series_as_its_hf_copy(mg_run, tmp_path):
                                                    find_checkpoints(mg_run / "run")]:
         w = open_weights(str(src))
         write_hf_dir(str(hf / name), {n: w[n] for n in w}, base_dir=str(mg_run / "run"))  # (its config.json)
-    for kind, base, run in (("mg", mg_run / "base", mg_run / "run"), ("hf", hf / "base", hf)):
-        p = pyrank_cli("analyze", base, "--run-dir", run, "--k", "2", "--out", tmp_path / f"a-{kind}", "--quiet",
-                       env=ENV)
-        assert p.returncode == 0, p.stderr
-        p = pyrank_cli("extrapolate", base, "--run-dir", run, "--to-step", "10", "--out", tmp_path / f"x-{kind}",
-                       "--quiet", env=ENV)
-        assert p.returncode == 0, p.stderr
-    a = json.load(open(tmp_path / "a-mg" / "report.json"))
-    b = json.load(open(tmp_path / "a-hf" / "report.json"))
-    assert len(a["modules"]) == 7 * LAYERS and a["modules"] == b["modules"]
-    xa, xb = open_weights(str(tmp_path / "x-mg")), open_weights(str(tmp_path / "x-hf"))  # the predicted models
-    assert set(xa) == set(xb) == qwen2_names(LAYERS) and all(torch.equal(xa[n], xb[n]) for n in xb)
+    a, _, xa = analyze_and_extrapolate(mg_run / "base", mg_run / "run", tmp_path / "mg", ENV)
+    b, _, xb = analyze_and_extrapolate(hf / "base", hf, tmp_path / "from-hf", ENV)
+    assert len(a) == 7 * LAYERS and a == b
+    assert set(xa) == qwen2_names(LAYERS)  # the predicted models
+    assert_same_weights(xa, xb)
 
 
 def test_a_megatron_checkpoint_without_its_config_or_a_shard_is_named(mg_run, tmp_path):
