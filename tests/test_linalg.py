@@ -294,9 +294,12 @@ def test_residual_estimate_never_delays_a_stop(monkeypatch, case, k, cluster_tol
     """Each pass estimates the residuals from the newest block only and confirms a stop
     with the exact ones. Forcing the confirmation on every pass (an estimate of 0) must
     stop at the same pass with the same result: the estimate is not above the truth —
-    with the plain residual test and with the cluster rule."""
+    with the plain residual test and with the cluster rule. (Without the narrow expansion,
+    which replaces the estimate by exact residuals once it starts, and whose start would
+    depend on which of the two said what was left.)"""
     import pyrank.linalg as L
 
+    monkeypatch.setattr(L, "NARROW_MAX", 0)
     if case == "rl_like":
         B, A = rl_like_pair(120, 97, seed=k, dtype=torch.float32)
     else:
@@ -432,7 +435,7 @@ def test_cluster_tol_none_converges_every_triplet(spectrum):
     check_result(res, A, B, 2, 1e-4, ctol=1e-4)
 
 
-@pytest.mark.parametrize("k", [8, 32])
+@pytest.mark.parametrize("k", [8, 32, 64])
 def test_noise_bulk_is_cheaper_and_as_accurate_as_torch_svd_lowrank(k):
     """Top-k inside an RL update's noise bulk (σ_k/σ_k+1 ≈ 1): the separated top triplet is
     certified, the bulk ones are accepted by the cluster rule long before 40 passes, and
@@ -453,3 +456,42 @@ def test_noise_bulk_is_cheaper_and_as_accurate_as_torch_svd_lowrank(k):
 
     (sp, ap), (st, at) = errors(res.U, res.S), errors(Ut, St)
     assert sp <= st and ap <= at, (sp, st, ap, at)
+
+
+def test_narrow_expansion_multiplies_only_what_is_left(monkeypatch):
+    """Once all but a few of the top-k are accepted (here the noise bulk, by the cluster
+    rule), each pass multiplies only the residual directions of those few (and of
+    NARROW_EXTRA triplets below the k-th): at most NARROW_MAX columns a side, both sides in
+    one read. The result meets the same LAPACK checks as the full-block solve's, for fewer
+    multiplied columns."""
+    import pyrank.linalg as L
+    import pyrank.ops as ops
+
+    W1, W0 = rl_like_pair(1024, 2752, seed=0)
+    widths = []
+    for nm, cols in (("delta_mm_both", lambda X, Y: (X.shape[1], Y.shape[1])),
+                     ("delta_mm", lambda X: (X.shape[1], 0)), ("delta_mm_t", lambda Y: (0, Y.shape[1]))):
+        def rec(A, B, *M, _f=getattr(ops, nm), _c=cols, **kw):
+            widths.append(_c(*M))
+            return _f(A, B, *M, **kw)
+        monkeypatch.setattr(ops, nm, rec)
+    # (cluster_tol 1e-2: at this size the bulk reaches the default 7e-3 only about when the
+    # separated triplets converge, leaving a single narrow pass)
+    res = pyrank.svd_lowrank(W1, 32, base=W0, cluster_tol=1e-2)
+    narrow, most = widths[:], L.NARROW_MAX
+    widths.clear()
+    monkeypatch.setattr(L, "NARROW_MAX", 0)
+    full = pyrank.svd_lowrank(W1, 32, base=W0, cluster_tol=1e-2)
+    block = 32 + L.default_oversample(32)
+    assert all(max(w) == block for w in widths) and len(widths) == full.passes
+    assert len(narrow) == res.passes
+    # the first passes are the full block, one side each; then narrow ones, two-sided but
+    # for the first (the side the last full pass extended has no residual outside its basis)
+    last_full = max(i for i, w in enumerate(narrow) if max(w) == block)
+    late = narrow[last_full + 1:]
+    assert len(late) >= 2 and all(max(w) <= most for w in late), narrow
+    assert all(min(w) > 0 for w in late[1:]), narrow
+    assert sum(map(sum, narrow)) < sum(map(sum, widths)), (narrow, widths)
+    for r in (res, full):
+        check_result(r, W1, W0, 32, 1e-4, ctol=1e-2)
+        assert bool(r.certified[0])
