@@ -129,10 +129,10 @@ FUSED_WARM_MAX = 8
 # NARROW_EXTRA fit in min(NARROW_MAX, block/2) columns: a fused two-sided read of ≤ 8 columns
 # a side costs about its bytes (FUSED_WARM_MAX), and below half the block it saves compute
 # (k = 1's block of 3 never narrows). Measured (4096×11008 RL-like bf16, C++ backend, 2
-# cores, medians of 5, full block → narrow): k = 64 cold 0.93 → 0.59 s (12 → 13 passes), warm
-# 1.11 → 0.24 s (12 → 5); k = 32 cold 0.59 → 0.35 s, warm 0.21 → 0.15 s; k = 8 cold 0.27 →
-# 0.27 s, warm 0.10 → 0.08 s; k = 1 unchanged. NARROW_EXTRA = 0, 2 and 4 took the same
-# passes; 2 keeps the k-th triplet's lower neighbours in view.
+# cores, medians of 5, cluster_tol 1e-2, full block → narrow): k = 64 cold 0.93 → 0.59 s
+# (12 → 13 passes), warm 1.11 → 0.24 s (12 → 5); k = 32 cold 0.59 → 0.35 s, warm 0.21 →
+# 0.15 s; k = 8 cold 0.27 → 0.27 s, warm 0.10 → 0.08 s; k = 1 unchanged. NARROW_EXTRA = 0, 2
+# and 4 took the same passes; 2 keeps the k-th triplet's lower neighbours in view.
 NARROW_MAX = FUSED_WARM_MAX
 NARROW_EXTRA = 2
 
