@@ -421,11 +421,17 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
     Returns (tracker, {module: {step: {column: value}}})."""
     import time
 
+    import contextlib
+
     from .analysis import count_is_eta_rule, diagnostics, update_jaccard, update_sparsity
-    from .linalg import svd_lowrank
+    from .backends import serial_small_ops
+    from .linalg import FUSED_WARM_MAX, default_oversample, svd_lowrank
     from .track import Rank1Tracker, _fmt, fingerprint
 
     base, metrics = series.base, series.metrics
+    # A solve whose block is a few columns is a few bandwidth-bound kernel passes and many
+    # tiny torch ops: those run on one thread, the kernels on all (backends.serial_small_ops)
+    small_ops = serial_small_ops if k + default_oversample(k) <= FUSED_WARM_MAX else contextlib.nullcontext
     tr = Rank1Tracker(k=k, backend=backend)
     if resumed is not None:  # continue a saved tracker: its observations are kept, the rest are added
         tr = Rank1Tracker.merged([resumed], order=[n for n in names if n in resumed.modules])
@@ -470,7 +476,8 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
                 W = reader.next()
                 try:
                     if not kept(n, step):
-                        ob = tr.observe(step, {n: W}, {n: W0}, modules=[n])[n]
+                        with small_ops():
+                            ob = tr.observe(step, {n: W}, {n: W0}, modules=[n])[n]
                         new = True
                     else:  # a resumed observation: it must come from these very weights
                         ob, fp = tr._obs[n][step], tr.fingerprints(n)

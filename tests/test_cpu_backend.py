@@ -89,6 +89,32 @@ def test_threads_do_not_change_results_beyond_rounding():
     assert ((one[1].double() - many[1].double()).abs() <= 1e-6 * scale).all()
 
 
+def test_serial_small_ops_keeps_the_kernels_threads():
+    """The series loop runs torch's own ops on one thread and the kernels on the threads
+    torch had: inside serial_small_ops the kernels' results are bitwise those of the same
+    thread count outside, and torch's count comes back on exit, on an error too."""
+    from pyrank.backends import kernel_threads, serial_small_ops
+
+    A, B = make_pair(1031, 129, torch.bfloat16, seed=2)
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(129, 3, generator=g), torch.randn(1031, 3, generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outside = ops.delta_mm_both(A, B, X, Y, backend="cpu")
+        with pytest.raises(RuntimeError, match="boom"):
+            with serial_small_ops():
+                assert torch.get_num_threads() == 1 and kernel_threads() == 2
+                with serial_small_ops():  # nested: still the outer count
+                    assert torch.get_num_threads() == 1 and kernel_threads() == 2
+                inside = ops.delta_mm_both(A, B, X, Y, backend="cpu")
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2 and kernel_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outside[0], inside[0]) and torch.equal(outside[1], inside[1])
+
+
 def test_float64_is_computed_in_float64():
     A, B = make_pair(20, 30, torch.float64, seed=0)
     X = torch.randn(30, 2, dtype=torch.float64)

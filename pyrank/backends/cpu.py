@@ -5,11 +5,13 @@ float64 weights never come here). This module only arranges layouts:
 the kernels stream rows, so a pair whose rows are contiguous runs as is; a pair of
 column-major tensors (e.g. ``W.T`` views) runs as the transposed problem on row-major
 views — ΔX = (Δᵀ)ᵀX and ΔᵀY = (Δᵀ)Y swap roles — and anything else is gathered
-element by element (correct, slower). Threads follow ``torch.get_num_threads()``.
+element by element (correct, slower). Threads: :func:`pyrank.backends.kernel_threads`.
 """
 from __future__ import annotations
 
 import torch
+
+from . import kernel_threads
 
 try:
     from .. import _C
@@ -75,7 +77,7 @@ def delta_products(A, B, X, Y, cdtype, sqnorm):
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
         0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
         0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
-        bool(sqnorm), torch.get_num_threads(),
+        bool(sqnorm), kernel_threads(),
     )
     return (out_x, None if out_yT is None else out_yT.t().contiguous(),
             torch.tensor(sq, dtype=cdtype) if sqnorm else None, nz if sqnorm else None)
@@ -92,7 +94,7 @@ def merge_lowrank(W, U, S, V, alpha, out, cdtype):
         RT = right.t().contiguous()
         _C.merge_lowrank(_DTYPE_CODE[W.dtype], m, n, *_mat(Wk), ok.data_ptr(), ok.stride(0),
                          ok.stride(1), LS.data_ptr(), RT.data_ptr(), LS.shape[1],
-                         torch.get_num_threads())
+                         kernel_threads())
     return out
 
 
@@ -102,5 +104,5 @@ def delta_gram(As, B, cdtype):
     if m and n:
         mats = [_mat(A) for A in As]
         _C.delta_gram(_DTYPE_CODE[As[0].dtype], m, n, [p for p, _, _ in mats], [s0 for _, s0, _ in mats],
-                      [s1 for _, _, s1 in mats], *_mat(B), G.data_ptr(), torch.get_num_threads())
+                      [s1 for _, _, s1 in mats], *_mat(B), G.data_ptr(), kernel_threads())
     return G
