@@ -446,7 +446,8 @@ def svd_lowrank(
     narrow_max = min(NARROW_MAX, l // 2)
 
     def stop(P, sig, Q, sk, exhausted, force):
-        """The result if the exact residuals allow a stop (always with ``force``), else None."""
+        """The result if the exact residuals allow a stop (always with ``force``), else those
+        residuals (relative to σ₁: what the caller continues from)."""
         kk = sk.shape[0]
         Pk, Qk = P[:, :kk], Q[:, :kk]
         sig1 = float(sig[0]) if sig.numel() else 0.0
