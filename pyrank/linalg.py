@@ -285,8 +285,8 @@ def _residual_estimate(E_u: Optional[Tensor], E_v: Optional[Tensor], Pk: Tensor,
 
 
 def _residuals(U: Tensor, ZU: Tensor, V: Tensor, YV: Tensor, P: Tensor, sig: Tensor, Q: Tensor,
-               sel: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Residual vectors of the Ritz triplets ``sel``, from the stored products:
+               sel: Union[Tensor, slice]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Residual vectors of the Ritz triplets ``sel`` (indices or a slice), from the stored products:
     Δ·v − σu = YV·q − U·p·σ (m × |sel|) and Δᵀ·u − σv = ZU·p − V·q·σ (n × |sel|), and
     max(‖·‖, ‖·‖) per triplet. Both are orthogonal to their basis up to rounding
     (Uᵀ·(YV·q − U·p·σ) = C·q − σp = 0)."""
@@ -445,15 +445,16 @@ def svd_lowrank(
     watch: Optional[Tensor] = None  # narrow expansion: the top-k triplets not yet accepted
     narrow_max = min(NARROW_MAX, l // 2)
 
+    def narrow_sel(idx, kk, nsig):
+        """The triplets a narrow expansion computes residuals of: ``idx``, then NARROW_EXTRA below the k-th."""
+        return torch.cat([idx, torch.arange(kk, min(kk + NARROW_EXTRA, nsig))])
+
     def stop(P, sig, Q, sk, exhausted, force):
         """The result if the exact residuals allow a stop (always with ``force``), else those
         residuals (relative to σ₁: what the caller continues from)."""
         kk = sk.shape[0]
-        Pk, Qk = P[:, :kk], Q[:, :kk]
         sig1 = float(sig[0]) if sig.numel() else 0.0
-        r_left = torch.linalg.vector_norm(YV @ Qk - U @ (Pk * sk), dim=0)
-        r_right = torch.linalg.vector_norm(ZU @ Pk - V @ (Qk * sk), dim=0)
-        rel = torch.maximum(r_left, r_right) / sig1 if sig1 > 0 else torch.zeros_like(sk)
+        rel = _residuals(U, ZU, V, YV, P, sig, Q, slice(0, kk))[2] / sig1 if sig1 > 0 else torch.zeros_like(sk)
         converged = (kk == k or exhausted) and bool((rel <= tol).all())
         # (accepted includes converged: _accepted admits every triplet with residual ≤ tol)
         accepted = (kk == k or exhausted) and bool(_accepted(rel, sig, sig1, tol, ctol).all())
@@ -546,7 +547,7 @@ def svd_lowrank(
             exhausted = pend_u.shape[1] == 0 and pend_v.shape[1] == 0
         else:  # narrow: the watched triplets' exact residuals (the others were accepted)
             watch = watch[watch < kk]
-            sel = torch.cat([watch, torch.arange(kk, min(kk + NARROW_EXTRA, sig.shape[0]))])
+            sel = narrow_sel(watch, kk, sig.shape[0])
             RL, RR, nrm = _residuals(U, ZU, V, YV, P, sig, Q, sel)
             est = torch.zeros_like(sk)
             est[watch] = nrm[:watch.numel()]
@@ -569,7 +570,7 @@ def svd_lowrank(
                 cols = torch.cat([(~ok[watch]).nonzero().flatten(), torch.arange(watch.numel(), sel.numel())])
                 RL, RR = RL[:, cols], RR[:, cols]
             else:
-                sel = torch.cat([need, torch.arange(kk, min(kk + NARROW_EXTRA, sig.shape[0]))])
+                sel = narrow_sel(need, kk, sig.shape[0])
                 RL, RR, _ = _residuals(U, ZU, V, YV, P, sig, Q, sel)
             watch = need
             # (one Gram–Schmidt sweep: the residuals are orthogonal to the bases but for rounding)

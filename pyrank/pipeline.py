@@ -419,9 +419,8 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
     it claims to come from, read from their first and last rows). ``partial``: a path
     prefix under which finished modules are saved as parts (what a resume continues from).
     Returns (tracker, {module: {step: {column: value}}})."""
-    import time
-
     import contextlib
+    import time
 
     from .analysis import count_is_eta_rule, diagnostics, update_jaccard, update_sparsity
     from .backends import serial_small_ops
