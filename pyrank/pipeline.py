@@ -419,11 +419,11 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
     it claims to come from, read from their first and last rows). ``partial``: a path
     prefix under which finished modules are saved as parts (what a resume continues from).
     Returns (tracker, {module: {step: {column: value}}})."""
-    import contextlib
     import time
 
     from .analysis import count_is_eta_rule, diagnostics, update_jaccard, update_sparsity
     from .backends import serial_small_ops
+    from .io.readers import BufferPool, read_tensor
     from .linalg import FUSED_WARM_MAX, default_oversample, svd_lowrank
     from .track import Rank1Tracker, _fmt, fingerprint
 
@@ -458,7 +458,11 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
     total = sum(_nbytes(w, n) for w, n, wh in jobs if wh)
     prog = _Progress(len(names) * len(ckpts), "tracking", quiet, total_bytes=total,
                      unit=f"{len(names)} modules × {len(ckpts)} checkpoints")
-    reader = _Reader([(lambda w=w, n=n, wh=wh: w[n] if wh else _fingerprint_of(w, n)) for w, n, wh in jobs])
+    # read into reused buffers (BufferPool: fresh pages cost more than the copy); what the
+    # loop holds at once — base, checkpoint, the previous one, READ_AHEAD + 1 queued — fits
+    pool = BufferPool(keep=READ_AHEAD + 5)
+    reader = _Reader([(lambda w=w, n=n, wh=wh: read_tensor(w, n, pool) if wh else _fingerprint_of(w, n))
+                      for w, n, wh in jobs])
     pending, last_save = [], -math.inf
 
     def save_part():

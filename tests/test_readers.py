@@ -71,3 +71,33 @@ def test_reads_leave_the_file_untouched_and_share_no_memory(tmp_path):
     t += 1  # the tensor is the reader's own copy: writing it changes neither the file nor a re-read
     assert open(path, "rb").read() == before
     assert torch.equal(w["a"], torch.ones(8, 8))
+
+
+def test_a_pooled_buffer_is_reused_only_once_nothing_holds_its_tensor(tmp_path):
+    from pyrank.io.readers import BufferPool, _storage_use_count, read_tensor
+
+    path = str(tmp_path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(96, 64, generator=g), "small": torch.randn(5, 7, generator=g),
+               "half": torch.randn(64, 64, generator=g).to(torch.bfloat16)}
+    save_file(tensors, path)
+    w = open_weights(path)
+    pool = BufferPool(keep=2)
+    a = read_tensor(w, "big", pool)
+    view = a[3:].T  # a view alone keeps the buffer busy
+    del a
+    b = read_tensor(w, "big", pool)
+    assert b.data_ptr() != view.data_ptr() - 3 * 64 * 4
+    assert torch.equal(view, tensors["big"][3:].T) and torch.equal(b, tensors["big"])
+    if _storage_use_count is None:
+        pytest.skip("this torch has no storage use count: the pool allocates every read")
+    first = view.data_ptr() - 3 * 64 * 4
+    del view
+    # free again: the smallest buffer that fits is reused, for a tensor of another dtype and size
+    c = read_tensor(w, "small", pool)
+    assert c.data_ptr() == first and torch.equal(c, tensors["small"])
+    # both busy: a new buffer; the pool keeps 2, so it lets go of the oldest (c still holds it)
+    d = read_tensor(w, "half", pool)
+    assert d.data_ptr() not in (first, b.data_ptr()) and torch.equal(d, tensors["half"])
+    assert len(pool._bufs) == 2 and first not in [buf.data_ptr() for buf, _ in pool._bufs]
+    assert torch.equal(c, tensors["small"]) and torch.equal(b, tensors["big"])
