@@ -39,10 +39,11 @@ def _holders(t: torch.Tensor) -> int:
 class BufferPool:
     """Read buffers used again once nothing holds a tensor read into them.
 
-    Why: a fresh ``torch.empty`` of a weight's size is new pages from the OS, and each is
-    faulted in and zeroed by the kernel before the read can copy into it. Measured on the
-    1.5B-shaped series (2-core VM, page cache warm): reads into fresh buffers ran at 1.2–1.7
-    GB/s, into reused ones at 10 GB/s — the faults, not the copy, were the read's cost.
+    Why: a fresh ``torch.empty`` larger than glibc's mmap threshold (at most 32 MB) is new
+    pages from the OS, each faulted in and zeroed by the kernel before the read copies into
+    it. Measured on a 2-core VM, page cache warm (benchmarks/bench_io.py): a 7B model's
+    18944×3584 MLP weight (130 MiB) read at 1.9 GB/s into fresh buffers and 4.0 GB/s into
+    reused ones; at 22 MiB glibc reuses its own heap and the pool changes nothing.
 
     A buffer is free again when its storage has no holder but the pool (torch's storage use
     count): a tensor read into it, any view of it, or anything still computing on it keeps
