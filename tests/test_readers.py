@@ -101,3 +101,8 @@ def test_a_pooled_buffer_is_reused_only_once_nothing_holds_its_tensor(tmp_path):
     assert d.data_ptr() not in (first, b.data_ptr()) and torch.equal(d, tensors["half"])
     assert len(pool._bufs) == 2 and first not in [buf.data_ptr() for buf, _ in pool._bufs]
     assert torch.equal(c, tensors["small"]) and torch.equal(b, tensors["big"])
+    # a mapping that moves tensors to a device reads through the pool of the mapping it wraps
+    from pyrank.io.readers import OnDevice
+
+    e = read_tensor(OnDevice(w, "cpu"), "small", pool)
+    assert torch.equal(e, tensors["small"]) and e.data_ptr() != c.data_ptr()
