@@ -458,8 +458,9 @@ def _track(series: Series, ckpts, names, k, backend, extras=None, resumed=None, 
     total = sum(_nbytes(w, n) for w, n, wh in jobs if wh)
     prog = _Progress(len(names) * len(ckpts), "tracking", quiet, total_bytes=total,
                      unit=f"{len(names)} modules × {len(ckpts)} checkpoints")
-    # read into reused buffers (BufferPool: fresh pages cost more than the copy); what the
-    # loop holds at once — base, checkpoint, the previous one, READ_AHEAD + 1 queued — fits
+    # read into reused buffers (BufferPool: above glibc's 32 MB mmap threshold a fresh
+    # buffer's page faults cost more than the copy); what the loop holds at once — base,
+    # checkpoint, the previous one, READ_AHEAD + 1 queued — fits
     pool = BufferPool(keep=READ_AHEAD + 5)
     reader = _Reader([(lambda w=w, n=n, wh=wh: read_tensor(w, n, pool) if wh else _fingerprint_of(w, n))
                       for w, n, wh in jobs])
