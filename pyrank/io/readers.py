@@ -219,7 +219,7 @@ class OnDevice(Mapping):
         self._w, self.device = weights, device
 
     def __getitem__(self, name):
-        return self._w[name].to(self.device)
+        return self.read(name)
 
     def read(self, name, pool: Optional[BufferPool] = None) -> torch.Tensor:
         return read_tensor(self._w, name, pool).to(self.device)
