@@ -71,10 +71,15 @@ def test_bf16_merge_special_values(variant):
     assert torch.equal(out[~nan].view(torch.int16), ref[~nan].view(torch.int16))
 
 
-def test_threads_do_not_change_results_beyond_rounding():
-    A, B = make_pair(257, 129, torch.bfloat16, seed=2)
+def _operands(m, n, cols):
+    """A bf16 pair (m × n) and the blocks X (n × cols), Y (m × cols) the thread tests multiply."""
+    A, B = make_pair(m, n, torch.bfloat16, seed=2)
     g = torch.Generator().manual_seed(3)
-    X, Y = torch.randn(129, 6, generator=g), torch.randn(257, 6, generator=g)
+    return A, B, torch.randn(n, cols, generator=g), torch.randn(m, cols, generator=g)
+
+
+def test_threads_do_not_change_results_beyond_rounding():
+    A, B, X, Y = _operands(257, 129, 6)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -95,9 +100,7 @@ def test_serial_small_ops_keeps_the_kernels_threads():
     thread count outside, and torch's count comes back on exit, on an error too."""
     from pyrank.backends import kernel_threads, serial_small_ops
 
-    A, B = make_pair(1031, 129, torch.bfloat16, seed=2)
-    g = torch.Generator().manual_seed(3)
-    X, Y = torch.randn(129, 3, generator=g), torch.randn(1031, 3, generator=g)
+    A, B, X, Y = _operands(1031, 129, 3)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
