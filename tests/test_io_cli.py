@@ -476,3 +476,48 @@ def test_importing_the_demo_or_the_pipeline_does_not_import_the_cli():
             "assert 'pyrank.cli' not in sys.modules, 'imported the CLI'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_series_loop_copies_where_it_computes_and_the_reader_thread_only_prefetches(run, monkeypatch):
+    """On the CPU a copy on the read-ahead thread competes with the kernels: safetensors
+    tensors are asked of the OS ahead (prefetch) and copied on the thread that computes."""
+    import threading
+
+    from pyrank import pipeline
+    from pyrank.io import readers
+
+    root, base, sds = run
+    where = {"read": set(), "prefetch": set()}
+    read, prefetch = readers.LazyWeights.read, readers.LazyWeights.prefetch
+    monkeypatch.setattr(readers.LazyWeights, "read", lambda self, *a, **kw: (
+        where["read"].add(threading.current_thread().name), read(self, *a, **kw))[1])
+    monkeypatch.setattr(readers.LazyWeights, "prefetch", lambda self, name: (
+        where["prefetch"].add(threading.current_thread().name), prefetch(self, name))[1])
+    series = pipeline.open_series(str(root / "base"), run_dir=str(root / "run"))
+    result = pipeline.analyze_run(series, pipeline.AnalyzeOptions(k=1, quiet=True))
+    assert where["read"] == {threading.main_thread().name}
+    assert where["prefetch"] and all(t.startswith("pyrank-read") for t in where["prefetch"])
+    assert len(result.report["modules"]) == len(series.modules)
+
+
+def test_prefetch_asks_for_every_byte_of_the_tensor_in_readahead_sized_pieces(tmp_path, monkeypatch):
+    # Linux reads at most one readahead window per WILLNEED request: one request for the whole
+    # tensor would prefetch only its first 128 KiB
+    from safetensors.torch import save_file
+
+    from pyrank.io import readers
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this OS: prefetch is a no-op")
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": torch.zeros(3, 5), "b": torch.zeros(700, 301)}, path)
+    w = open_weights(path)
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((off, n, advice)))
+    w.prefetch("b")
+    e = w._entry("b")
+    assert all(a == os.POSIX_FADV_WILLNEED and 0 < n <= readers.PREFETCH_CHUNK for _, n, a in asked)
+    assert [o for o, _, _ in asked] == list(range(e.start, e.start + e.nbytes, readers.PREFETCH_CHUNK))
+    assert sum(n for _, n, _ in asked) == e.nbytes == 700 * 301 * 4
+    w.prefetch("no such tensor")  # a hint: nothing to ask, nothing raised
+    assert len(asked) == len(range(e.start, e.start + e.nbytes, readers.PREFETCH_CHUNK))

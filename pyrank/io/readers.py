@@ -119,6 +119,9 @@ def _header(path: str) -> Dict[str, _Entry]:
         raise PyrankIOError(f"{path}: cannot read safetensors file ({short(exc)})") from None
 
 
+PREFETCH_CHUNK = 128 << 10  # bytes per WILLNEED request (see LazyWeights.prefetch)
+
+
 class LazyWeights(Mapping):
     """name → tensor, read from safetensors files one tensor per access, read-only.
     ``source`` names what was opened; ``file_of(name)`` the file a tensor is in.
@@ -178,6 +181,25 @@ class LazyWeights(Mapping):
             raise KeyError(name)
         e = self._entry(name)
         return self._bytes(name, e.start, e.nbytes, pool).view(self._dtype(name, e)).reshape(e.shape)
+
+    def prefetch(self, name) -> None:
+        """Ask the OS to start reading ``name``'s bytes into the page cache, without waiting
+        for them or copying them (posix_fadvise WILLNEED; a no-op where there is no such call).
+        Asked in PREFETCH_CHUNK pieces: Linux reads at most one readahead window (128 KiB by
+        default) per request, so one request for the whole tensor would fetch only its start."""
+        if name not in self._files or not hasattr(os, "posix_fadvise"):
+            return
+        e = self._entry(name)
+        try:
+            fd = os.open(self._files[name], os.O_RDONLY)
+            try:
+                for off in range(e.start, e.start + e.nbytes, PREFETCH_CHUNK):
+                    os.posix_fadvise(fd, off, min(PREFETCH_CHUNK, e.start + e.nbytes - off),
+                                     os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # only a hint: the read itself reports what is wrong with the file
 
     def rows(self, name, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor of ≥ 1 dimension, reading only their bytes."""
