@@ -1,6 +1,6 @@
 // pyrank._C: the C++ CPU backend (pybind11, no torch headers).
 //
-// The Python side (pyrank/_cpu_backend.py) validates and lays out the tensors, keeps them
+// The Python side (pyrank/backends/cpu.py) validates and lays out the tensors, keeps them
 // alive, and passes raw pointers, shapes and element strides. This file picks the best SIMD
 // variant of csrc/kernels.cpp that the CPU supports, once at import (PYRANK_CPU_ISA or
 // set_isa() may choose a lower one, e.g. to test every variant on one machine), and releases
@@ -8,12 +8,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kernels.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <unistd.h>
+#define PYRANK_HAVE_PREAD 1
+#endif
 
 namespace py = pybind11;
 using pyrank::KernelTable;
@@ -89,6 +97,48 @@ py::dict cpu_features() {
 
 }  // namespace
 
+#ifdef PYRANK_HAVE_PREAD
+// Bytes [offset, offset + nbytes) of the file at `path` into dst, as `parts` contiguous ranges
+// read in parallel (pread) on the kernels' OpenMP threads: one thread copies out of the page
+// cache at ~5 GB/s, and the series loop waits for each copy (pyrank/io/readers.py). Threads of
+// another pool would find the kernels' team still spinning on the cores right after a pass.
+// Returns (0, 0) when every byte was read, (1, bytes missing) when the file ends early, and
+// (2, errno) on an error; the file is opened read-only and closed again.
+std::pair<int, int64_t> read_file(const std::string& path, int64_t offset, int64_t nbytes, uintptr_t dst,
+                                  int parts) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {2, errno};
+  if (parts < 1) parts = 1;
+  int err = 0;
+  int64_t missing = 0;
+  char* out = reinterpret_cast<char*>(dst);
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : missing)
+  for (int p = 0; p < parts; ++p) {
+    int64_t lo = nbytes * p / parts, hi = nbytes * (p + 1) / parts;
+    while (lo < hi) {
+      // (at most 1 GiB a call: Linux transfers at most ~2 GiB per read)
+      ssize_t r = pread(fd, out + lo, (size_t)std::min<int64_t>(hi - lo, int64_t(1) << 30), offset + lo);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        int e = errno;
+#pragma omp atomic write
+        err = e;
+        break;
+      }
+      if (r == 0) {  // end of file: the rest of this range is missing
+        missing += hi - lo;
+        break;
+      }
+      lo += r;
+    }
+  }
+  close(fd);
+  if (err) return {2, err};
+  if (missing) return {1, missing};
+  return {0, 0};
+}
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyrank's C++ CPU backend: fused kernels on (A - B), runtime SIMD dispatch";
   select_best();
@@ -114,6 +164,11 @@ PYBIND11_MODULE(_C, m) {
         return std::make_pair(sq, nz);
       },
       py::call_guard<py::gil_scoped_release>());
+#ifdef PYRANK_HAVE_PREAD
+  m.def("read_file", &read_file, py::arg("path"), py::arg("offset"), py::arg("nbytes"), py::arg("dst"),
+        py::arg("parts"), "read a byte range of a file into memory on `parts` threads (see read_file)",
+        py::call_guard<py::gil_scoped_release>());
+#endif
   m.def(
       "merge_lowrank",
       [](int dtype, int64_t rows, int64_t cols, uintptr_t w, int64_t ws0, int64_t ws1, uintptr_t out,

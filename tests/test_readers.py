@@ -106,3 +106,32 @@ def test_a_pooled_buffer_is_reused_only_once_nothing_holds_its_tensor(tmp_path):
 
     e = read_tensor(OnDevice(w, "cpu"), "small", pool)
     assert torch.equal(e, tensors["small"]) and e.data_ptr() != c.data_ptr()
+
+
+def test_the_parallel_copy_reads_the_same_bytes_and_names_a_short_or_missing_file(tmp_path, monkeypatch):
+    """Large tensors are read on the kernels' threads (pyrank._C.read_file), one range each:
+    forced here onto small tensors, with more ranges than bytes divide evenly."""
+    from pyrank.io import readers
+
+    if readers._parallel_read() is None:
+        pytest.skip("pyrank._C is not built (or has no pread): every read is the Python loop")
+    monkeypatch.setattr(readers, "READ_SPLIT", 7)
+    monkeypatch.setattr(readers, "_kernel_threads", lambda: 3)
+    calls = []
+    fast = readers._parallel_read()
+    monkeypatch.setattr(readers, "_parallel_read", lambda: lambda *a: (calls.append(a), fast(*a))[1])
+    path = str(tmp_path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 41, generator=g).to(torch.bfloat16), "b": torch.randn(5, generator=g),
+               "c": torch.randn(1, 2, generator=g)}  # c: 8 bytes, one range (8 // 7 = 1): the Python loop
+    save_file(tensors, path)
+    w = open_weights(path)
+    for name, t in tensors.items():
+        assert torch.equal(w[name], t), name
+    assert [a[-1] for a in calls] == [3, 2] and calls[0][2] == 37 * 41 * 2  # b: 20 bytes, 2 ranges
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(PyrankIOError, match=f"{path}: cannot read tensor '[ab]' .*early"):
+        [w[n] for n in ("a", "b")]
+    os.remove(path)
+    with pytest.raises(PyrankIOError, match=f"{path}: cannot read tensor 'a' .*No such file"):
+        w["a"]

@@ -121,6 +121,29 @@ def _header(path: str) -> Dict[str, _Entry]:
 
 PREFETCH_CHUNK = 128 << 10  # bytes per WILLNEED request (see LazyWeights.prefetch)
 
+# A tensor of at least 2 × READ_SPLIT bytes is copied out of the page cache on the kernels'
+# threads, one contiguous range each (pyrank._C.read_file): one thread copies at ~5 GB/s. On
+# the 1.5B series of benchmarks/bench_series.py (2 cores, Intel Xeon), the series loop's
+# copies took 2.5–3.4 s instead of 4.1–5.1 s warm, and a cold 6-layer slice 4.9–5.8 s
+# instead of 5.7–7.1 s (interleaved runs). Copy threads of a Python pool did not help there:
+# the kernels' OpenMP team still spins on the cores right after a pass.
+READ_SPLIT = 8 << 20
+
+
+def _parallel_read():
+    """pyrank._C.read_file, or None where the extension is not built (or has no pread)."""
+    try:
+        from .._C import read_file
+    except ImportError:
+        return None
+    return read_file
+
+
+def _kernel_threads() -> int:
+    from ..backends import kernel_threads
+
+    return kernel_threads()
+
 
 class LazyWeights(Mapping):
     """name → tensor, read from safetensors files one tensor per access, read-only.
@@ -152,15 +175,24 @@ class LazyWeights(Mapping):
         path = self._files[name]
         buf = torch.empty(nbytes, dtype=torch.uint8) if pool is None else pool.take(nbytes)
         view = memoryview(buf.numpy()) if nbytes else None
+        parts = min(_kernel_threads(), nbytes // READ_SPLIT)
+        fast = _parallel_read() if parts > 1 else None
         try:
-            with open(path, "rb", buffering=0) as f:  # read-only; readinto releases the GIL
-                got = 0
-                while got < nbytes:
-                    f.seek(offset + got)
-                    r = f.readinto(view[got:])
-                    if not r:
-                        raise EOFError(f"file ends {nbytes - got} bytes early (truncated after it was opened?)")
-                    got += r
+            if fast is not None:
+                status, detail = fast(path, offset, nbytes, buf.data_ptr(), parts)
+                if status == 2:
+                    raise OSError(detail, os.strerror(detail))
+                if status == 1:
+                    raise EOFError(f"file ends {detail} bytes early (truncated after it was opened?)")
+            else:
+                with open(path, "rb", buffering=0) as f:  # read-only; readinto releases the GIL
+                    got = 0
+                    while got < nbytes:
+                        f.seek(offset + got)
+                        r = f.readinto(view[got:])
+                        if not r:
+                            raise EOFError(f"file ends {nbytes - got} bytes early (truncated after it was opened?)")
+                        got += r
         except OSError as exc:
             raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         except EOFError as exc:
