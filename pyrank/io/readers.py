@@ -179,7 +179,8 @@ class LazyWeights(Mapping):
         fast = _parallel_read() if parts > 1 else None
         try:
             if fast is not None:
-                status, detail = fast(path, offset, nbytes, buf.data_ptr(), parts)
+                # (the path as the OS spells it: a name that is not valid UTF-8 reads as well)
+                status, detail = fast(os.fsencode(path), offset, nbytes, buf.data_ptr(), parts)
                 if status == 2:
                     raise OSError(detail, os.strerror(detail))
                 if status == 1:
