@@ -174,7 +174,6 @@ class LazyWeights(Mapping):
     def _bytes(self, name, offset: int, nbytes: int, pool: Optional[BufferPool] = None) -> torch.Tensor:
         path = self._files[name]
         buf = torch.empty(nbytes, dtype=torch.uint8) if pool is None else pool.take(nbytes)
-        view = memoryview(buf.numpy()) if nbytes else None
         parts = min(_kernel_threads(), nbytes // READ_SPLIT)
         fast = _parallel_read() if parts > 1 else None
         try:
@@ -183,17 +182,20 @@ class LazyWeights(Mapping):
                 status, detail = fast(os.fsencode(path), offset, nbytes, buf.data_ptr(), parts)
                 if status == 2:
                     raise OSError(detail, os.strerror(detail))
-                if status == 1:
-                    raise EOFError(f"file ends {detail} bytes early (truncated after it was opened?)")
+                missing = detail if status == 1 else 0
             else:
+                view = memoryview(buf.numpy()) if nbytes else None
                 with open(path, "rb", buffering=0) as f:  # read-only; readinto releases the GIL
                     got = 0
                     while got < nbytes:
                         f.seek(offset + got)
                         r = f.readinto(view[got:])
                         if not r:
-                            raise EOFError(f"file ends {nbytes - got} bytes early (truncated after it was opened?)")
+                            break
                         got += r
+                missing = nbytes - got
+            if missing:
+                raise EOFError(f"file ends {missing} bytes early (truncated after it was opened?)")
         except OSError as exc:
             raise PyrankIOError(f"{path}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         except EOFError as exc:
