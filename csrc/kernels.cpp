@@ -335,8 +335,8 @@ template <int DT, bool SQ> static FastFn fast_for(int64_t kx, int64_t ky, int* r
 // Requires unit column strides (the caller checks). XT rows have stride xs, acc rows as.
 template <int DT>
 static void fast_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64_t xs, int64_t kx,
-                      float* out_x, const float* Y, int64_t ky, float* acc_all, int64_t as,
-                      double* sq, int64_t* nz, int nthreads) {
+                      float* out_x, int64_t oxs, const float* Y, int64_t ys0, int64_t ys1, int64_t ky,
+                      float* acc_all, int64_t as, double* sq, int64_t* nz, int nthreads) {
   typedef typename Elem<DT>::T T;
   int RR = 0;
   const FastFn fn = sq ? fast_for<DT, true>(kx, ky, &RR) : fast_for<DT, false>(kx, ky, &RR);
@@ -364,11 +364,11 @@ static void fast_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64
         } else {  // padding: Δ = row − itself = 0 exactly
           pa[r] = pb[r] = pa[0];
         }
-        for (int64_t c = 0; c < ky; ++c) y[r * ky + c] = r < rows ? Y[(i0 + r) * ky + c] : 0.0f;
+        for (int64_t c = 0; c < ky; ++c) y[r * ky + c] = r < rows ? Y[(i0 + r) * ys0 + c * ys1] : 0.0f;
       }
       fn(pa, pb, n, XT, xs, y, acc, as, sx, &sqsum, &nzsum);
       for (int64_t r = 0; r < rows && kx > 0; ++r)
-        memcpy(out_x + (i0 + r) * kx, sx + r * kx, sizeof(float) * kx);
+        memcpy(out_x + (i0 + r) * oxs, sx + r * kx, sizeof(float) * kx);
     }
   }
   free(zero);
@@ -383,8 +383,9 @@ static void fast_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT, int64
 // (acc_all: one ky×np block per thread) have stride np, n rounded up to whole vectors.
 template <int DT>
 static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const float* XT,
-                       int64_t kx, float* out_x, const float* Y, int64_t ky, float* acc_all,
-                       double* sq, int64_t* nz, int nthreads) {
+                       int64_t kx, float* out_x, int64_t oxs, const float* Y, int64_t ys0,
+                       int64_t ys1, int64_t ky, float* acc_all, double* sq, int64_t* nz,
+                       int nthreads) {
   // Few columns: the pass is memory-bound and 8-row tiles keep 16 row streams for the
   // prefetchers. More columns: cache traffic of X and the Δᵀ·Y accumulators (once per tile)
   // dominates, and taller tiles cut it. Measured on 4096×11008 bf16, 2 cores, interleaved
@@ -407,7 +408,7 @@ static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const flo
       const int64_t prow = (rows + R - 1) / R * R;  // rows rounded up to whole 8-row blocks
       for (int64_t q = 0; q < G * kx; ++q) sx[q] = vf{};
       for (int64_t r = 0; r < prow; ++r)  // padding rows have y = 0
-        for (int64_t c = 0; c < ky; ++c) ytile[r * ky + c] = r < rows ? Y[(i0 + r) * ky + c] : 0.0f;
+        for (int64_t c = 0; c < ky; ++c) ytile[r * ky + c] = r < rows ? Y[(i0 + r) * ys0 + c * ys1] : 0.0f;
       for (int64_t j0 = 0; j0 < n; j0 += J) {
         const int64_t len = imin(J, n - j0), lenv = (len + VL - 1) / VL * VL;
         for (int64_t r = 0; r < prow; ++r) {
@@ -434,7 +435,7 @@ static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const flo
         if (ky > 0) dty_rows(dt, prow, ytile, ky, acc + j0, np, lenv);
       }
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < kx; ++c) out_x[(i0 + r) * kx + c] = hsum(sx[r * kx + c]);
+        for (int64_t c = 0; c < kx; ++c) out_x[(i0 + r) * oxs + c] = hsum(sx[r * kx + c]);
     }
     free(sx);
     free(ytile);
@@ -445,55 +446,102 @@ static void tiled_impl(int64_t m, int64_t n, int64_t np, Mat A, Mat B, const flo
   }
 }
 
+// Scratch that outlives a call: the padded XT and the Δᵀ·Y accumulators. Fresh pages cost a
+// fault each, and memory freed by a solve is handed back to the OS before the next: measured
+// on this project's 2-core Intel VM, a 72-column Δᵀ·Y pass over 4096×11008 bf16 faulted 3836
+// times (~6 µs each) and took 76 ms where the same pass on reused memory took 51. So each
+// calling thread keeps its largest scratch, up to SCRATCH_KEEP bytes (larger ones are freed
+// after the call).
+constexpr size_t SCRATCH_KEEP = size_t(64) << 20;
+struct Scratch {
+  float* p = nullptr;
+  size_t bytes = 0;
+  ~Scratch() { free(p); }
+};
+static thread_local Scratch t_scratch;
+
+static float* scratch_get(size_t bytes, bool* owned) {
+  bytes = (bytes + 63) / 64 * 64;  // aligned_alloc wants a multiple of the alignment
+  if (bytes > SCRATCH_KEEP) {
+    *owned = true;
+    float* p = (float*)aligned_alloc(64, bytes);
+    if (!p) abort();
+    return p;
+  }
+  *owned = false;
+  if (t_scratch.bytes < bytes) {
+    free(t_scratch.p);
+    t_scratch.p = (float*)aligned_alloc(64, bytes);
+    if (!t_scratch.p) abort();
+    t_scratch.bytes = bytes;
+  }
+  return t_scratch.p;
+}
+
 template <int DT>
-static void delta_products_impl(int64_t m, int64_t n, Mat A, Mat B, const float* XT_in, int64_t kx,
-                       float* out_x, const float* Y, int64_t ky, float* out_yT, double* sq,
-                       int64_t* nz, int nthreads) {
+static void delta_products_impl(int64_t m, int64_t n, Mat A, Mat B, Mat X, int64_t kx, float* out_x,
+                                int64_t oxs, Mat Y, int64_t ky, float* out_y, int64_t oys,
+                                double* sq, int64_t* nz, int nthreads) {
   if (nthreads < 1) nthreads = 1;
   const int64_t np = (n + VL - 1) / VL * VL;  // row length padded to whole vectors
-  // X (and the Δᵀ·Y accumulators) with rows padded to np: the last chunk's vector loads
-  // and stores then stay in bounds, and the padding multiplies the zero padding of dt.
-  float* XT = nullptr;
-  if (kx > 0) {
-    XT = (float*)calloc((size_t)(kx * np), sizeof(float));
-    if (!XT) abort();
-    for (int64_t c = 0; c < kx; ++c) memcpy(XT + c * np, XT_in + c * n, sizeof(float) * n);
-  }
-  // Δᵀ·Y: each thread accumulates its rows' contribution privately, then one reduction.
-  float* acc_all = nullptr;
-  if (ky > 0) {
-    const int64_t per = ky * np;
-    // keep the private accumulators within ~512 MiB whatever the thread count
-    while (nthreads > 1 && (int64_t)nthreads * per * 4 > (int64_t(1) << 29)) --nthreads;
-    acc_all = (float*)calloc((size_t)nthreads * per, sizeof(float));
-    if (!acc_all) abort();
+  const int64_t per = ky * np;
+  // keep the private Δᵀ·Y accumulators within ~512 MiB whatever the thread count
+  while (nthreads > 1 && (int64_t)nthreads * per * 4 > (int64_t(1) << 29)) --nthreads;
+  bool owned = false;
+  float* XT = scratch_get(sizeof(float) * (size_t)(kx * np + nthreads * per), &owned);
+  float* acc_all = ky > 0 ? XT + kx * np : nullptr;
+  const float* xp = (const float*)X.p;
+  const float* yp = (const float*)Y.p;
+  constexpr int64_t TB = 64;  // rows of X (and of the Δᵀ·Y output) per block of a transposing copy
+  // X transposed, rows padded to np (the last chunk's vector loads then stay in bounds, and the
+  // padding multiplies the zero padding of dt), and each thread's accumulators zeroed by it.
+#pragma omp parallel num_threads(nthreads)
+  {
+    if (kx > 0) {
+#pragma omp for schedule(static) nowait
+      for (int64_t j0 = 0; j0 < np; j0 += TB) {
+        const int64_t j1 = imin(j0 + TB, n);
+        for (int64_t c = 0; c < kx; ++c) {
+          float* xt = XT + c * np;
+          for (int64_t j = j0; j < j1; ++j) xt[j] = xp[j * X.s0 + c * X.s1];
+          for (int64_t j = j1 > j0 ? j1 : j0; j < imin(j0 + TB, np); ++j) xt[j] = 0.0f;
+        }
+      }
+    }
+    if (ky > 0) {
+#pragma omp for schedule(static)
+      for (int t = 0; t < nthreads; ++t) memset(acc_all + (int64_t)t * per, 0, sizeof(float) * per);
+    }
   }
 #if defined(PYRANK_FAST_PATH)
   if (kx <= FAST_K && ky <= FAST_K && A.s1 == 1 && (!B.p || B.s1 == 1))
-    fast_impl<DT>(m, n, A, B, XT, np, kx, out_x, Y, ky, acc_all, np, sq, nz, nthreads);
+    fast_impl<DT>(m, n, A, B, XT, np, kx, out_x, oxs, yp, Y.s0, Y.s1, ky, acc_all, np, sq, nz, nthreads);
   else
 #endif
-    tiled_impl<DT>(m, n, np, A, B, XT, kx, out_x, Y, ky, acc_all, sq, nz, nthreads);
-  free(XT);
+    tiled_impl<DT>(m, n, np, A, B, XT, kx, out_x, oxs, yp, Y.s0, Y.s1, ky, acc_all, sq, nz, nthreads);
   if (ky > 0) {
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < ky; ++c)
-      for (int64_t j = 0; j < n; ++j) {
-        float s = 0;
-        for (int t = 0; t < nthreads; ++t) s += acc_all[(int64_t)t * ky * np + c * np + j];
-        out_yT[c * n + j] = s;
-      }
-    free(acc_all);
+    // the threads' partial sums, added in thread order, written as rows of out_y
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j0 = 0; j0 < n; j0 += TB) {
+      const int64_t j1 = imin(j0 + TB, n);
+      for (int64_t c = 0; c < ky; ++c)
+        for (int64_t j = j0; j < j1; ++j) {
+          float s = 0;
+          for (int t = 0; t < nthreads; ++t) s += acc_all[(int64_t)t * per + c * np + j];
+          out_y[j * oys + c] = s;
+        }
+    }
   }
+  if (owned) free(XT);
 }
 
-static void delta_products(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
-                          int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
-                          double* sq, int64_t* nz, int nthreads) {
+static void delta_products(int dtype, int64_t m, int64_t n, Mat A, Mat B, Mat X, int64_t kx,
+                           float* out_x, int64_t oxs, Mat Y, int64_t ky, float* out_y, int64_t oys,
+                           double* sq, int64_t* nz, int nthreads) {
   switch (dtype) {
-    case kBF16: return delta_products_impl<kBF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nz, nthreads);
-    case kF16: return delta_products_impl<kF16>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nz, nthreads);
-    default: return delta_products_impl<kF32>(m, n, A, B, XT, kx, out_x, Y, ky, out_yT, sq, nz, nthreads);
+    case kBF16: return delta_products_impl<kBF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
+    case kF16: return delta_products_impl<kF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
+    default: return delta_products_impl<kF32>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
   }
 }
 

@@ -5,8 +5,8 @@
 // a KernelTable. The dispatcher picks a table at run time from the CPU's features.
 //
 // Conventions: matrices are (pointer, row stride, column stride) in elements; weights are
-// bf16 / fp16 (as raw uint16) or fp32; every small operand and output is fp32 and
-// row-major contiguous. B may be null (then A alone). Nothing here owns memory.
+// bf16 / fp16 (as raw uint16) or fp32; every small operand and output is fp32, laid out as
+// each function says. B may be null (then A alone). Nothing here owns memory.
 #pragma once
 #include <stdint.h>
 
@@ -21,13 +21,13 @@ struct Mat {
 
 struct KernelTable {
   const char* name;
-  // out_x (m×kx) = Δ·X with X given transposed as XT (kx×n);
-  // out_yT (ky×n) = (Δᵀ·Y)ᵀ with Y (m×ky); when sq is not null, *sq = ‖Δ‖_F² and *nz = the
-  // number of entries with Δ ≠ 0 in fp32 (A ≠ B as numbers: ±0 are equal). Either product
+  // out_x (m×kx, row stride oxs) = Δ·X with X (n×kx); out_y (n×ky, row stride oys) = Δᵀ·Y
+  // with Y (m×ky); X and Y may have any strides. When sq is not null, *sq = ‖Δ‖_F² and *nz =
+  // the number of entries with Δ ≠ 0 in fp32 (A ≠ B as numbers: ±0 are equal). Either product
   // may be skipped (k = 0). One read of A and B serves all. A.s1 == B.s1 == 1 is the fast
   // path; any other strides are gathered.
-  void (*delta_products)(int dtype, int64_t m, int64_t n, Mat A, Mat B, const float* XT,
-                        int64_t kx, float* out_x, const float* Y, int64_t ky, float* out_yT,
+  void (*delta_products)(int dtype, int64_t m, int64_t n, Mat A, Mat B, Mat X, int64_t kx,
+                        float* out_x, int64_t oxs, Mat Y, int64_t ky, float* out_y, int64_t oys,
                         double* sq, int64_t* nz, int nthreads);
   // out = round_to_dtype(W + US·VT), US (m×k) = α·U·diag(S), VT (k×n); out may alias W
   // exactly (same pointer and strides).

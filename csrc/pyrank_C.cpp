@@ -153,14 +153,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "delta_products",
       [](int dtype, int64_t rows, int64_t cols, uintptr_t a, int64_t as0, int64_t as1, uintptr_t b,
-         int64_t bs0, int64_t bs1, uintptr_t xt, int64_t kx, uintptr_t out_x, uintptr_t y,
-         int64_t ky, uintptr_t out_yt, bool sqnorm, int nthreads) {
+         int64_t bs0, int64_t bs1, uintptr_t x, int64_t xs0, int64_t xs1, int64_t kx, uintptr_t out_x,
+         int64_t oxs, uintptr_t y, int64_t ys0, int64_t ys1, int64_t ky, uintptr_t out_y, int64_t oys,
+         bool sqnorm, int nthreads) {
         double sq = 0.0;
         int64_t nz = 0;
-        g_table.delta_products(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1),
-                              reinterpret_cast<const float*>(xt), kx, reinterpret_cast<float*>(out_x),
-                              reinterpret_cast<const float*>(y), ky, reinterpret_cast<float*>(out_yt),
-                              sqnorm ? &sq : nullptr, &nz, nthreads);
+        g_table.delta_products(dtype, rows, cols, mat(a, as0, as1), mat(b, bs0, bs1), mat(x, xs0, xs1), kx,
+                              reinterpret_cast<float*>(out_x), oxs, mat(y, ys0, ys1), ky,
+                              reinterpret_cast<float*>(out_y), oys, sqnorm ? &sq : nullptr, &nz, nthreads);
         return std::make_pair(sq, nz);
       },
       py::call_guard<py::gil_scoped_release>());

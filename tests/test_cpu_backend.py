@@ -71,6 +71,52 @@ def test_bf16_merge_special_values(variant):
     assert torch.equal(out[~nan].view(torch.int16), ref[~nan].view(torch.int16))
 
 
+def _layouts(T):
+    """T (rows × cols) as the solver and users hand it over: row-major, column-major (what QR
+    returns), every other row of a taller buffer, columns of a wider one, and a broadcast row."""
+    rows, cols = T.shape
+    tall = torch.zeros(2 * rows, cols)
+    tall[::2] = T
+    wide = torch.zeros(rows, cols + 5)
+    wide[:, 2:2 + cols] = T
+    return {"row-major": T.contiguous(), "column-major": T.t().contiguous().t(), "row-strided": tall[::2],
+            "in-wider": wide[:, 2:2 + cols], "broadcast": T[:1].expand(rows, cols)}
+
+
+@pytest.mark.parametrize("cols", [3, 40], ids=["few-columns", "tiled"])
+def test_every_variant_takes_operands_of_any_strides(variant, cols):
+    """The kernels read X and Y through their strides (no transposing copy on the way in) and
+    write Δᵀ·Y as rows: every layout gives the row-major operand's result, bitwise."""
+    A, B = make_pair(67, 131, torch.bfloat16, seed=cols)
+    g = torch.Generator().manual_seed(cols)
+    X, Y = torch.randn(131, cols, generator=g), torch.randn(67, cols + 1, generator=g)
+    D = (A.double() - B.double())
+    for name, (x, y) in zip(_layouts(X), zip(_layouts(X).values(), _layouts(Y).values())):
+        ox, oy = ops.delta_mm_both(A, B, x, y, backend="cpu")
+        assert ox.is_contiguous() and oy.is_contiguous(), name
+        ref_x, ref_y = ops.delta_mm_both(A, B, x.contiguous(), y.contiguous(), backend="cpu")
+        assert torch.equal(ox, ref_x) and torch.equal(oy, ref_y), name
+        # within fp32 rounding of the sums of |Δ|·|operand|
+        assert ((ox.double() - D @ x.double()).abs() <= 1e-6 * (D.abs() @ x.double().abs())).all(), name
+        assert ((oy.double() - D.T @ y.double()).abs() <= 1e-6 * (D.abs().T @ y.double().abs())).all(), name
+
+
+def test_scratch_reuse_across_sizes_and_threads():
+    """Each calling thread keeps its kernel scratch between calls (fresh pages cost a fault
+    each): a call after a larger or a smaller one, and calls from several threads at once,
+    give the same bits as the first call of their shape."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_operands(m, n, c) for m, n, c in ((300, 257, 40), (29, 83, 2), (61, 1031, 9))]
+    first = [ops.delta_mm_both(A, B, X, Y, backend="cpu") for A, B, X, Y in cases]
+    again = [ops.delta_mm_both(A, B, X, Y, backend="cpu") for A, B, X, Y in reversed(cases)][::-1]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda c: ops.delta_mm_both(*c, backend="cpu"), cases * 4))
+    for i, (ox, oy) in enumerate(again + threaded):
+        want = first[i % len(cases)]
+        assert torch.equal(ox, want[0]) and torch.equal(oy, want[1])
+
+
 def _operands(m, n, cols):
     """A bf16 pair (m × n) and the blocks X (n × cols), Y (m × cols) the thread tests multiply."""
     A, B = make_pair(m, n, torch.bfloat16, seed=2)

@@ -66,21 +66,18 @@ def delta_products(A, B, X, Y, cdtype, sqnorm):
     kx = 0 if X is None else X.shape[1]
     ky = 0 if Y is None else Y.shape[1]
     out_x = torch.empty(m, kx, dtype=torch.float32) if X is not None else None
-    out_yT = torch.empty(ky, n, dtype=torch.float32) if Y is not None else None
+    out_y = torch.empty(n, ky, dtype=torch.float32) if Y is not None else None
     if m == 0 or n == 0:  # nothing to read: every output is zero
-        return (None if out_x is None else out_x.zero_(),
-                None if out_yT is None else out_yT.zero_().t().contiguous(),
+        return (None if out_x is None else out_x.zero_(), None if out_y is None else out_y.zero_(),
                 torch.zeros((), dtype=cdtype) if sqnorm else None, 0 if sqnorm else None)
-    XT = X.t().contiguous() if X is not None else None
-    Yc = Y.contiguous() if Y is not None else None
+    # X and Y as they are: the kernel reads any strides (a transposing copy here cost more
+    # than the products' small-matrix work it serves at 72 columns)
     sq, nz = _C.delta_products(
-        _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B),
-        0 if XT is None else XT.data_ptr(), kx, 0 if out_x is None else out_x.data_ptr(),
-        0 if Yc is None else Yc.data_ptr(), ky, 0 if out_yT is None else out_yT.data_ptr(),
-        bool(sqnorm), kernel_threads(),
+        _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B), *_mat(X), kx,
+        0 if out_x is None else out_x.data_ptr(), kx, *_mat(Y), ky,
+        0 if out_y is None else out_y.data_ptr(), ky, bool(sqnorm), kernel_threads(),
     )
-    return (out_x, None if out_yT is None else out_yT.t().contiguous(),
-            torch.tensor(sq, dtype=cdtype) if sqnorm else None, nz if sqnorm else None)
+    return (out_x, out_y, torch.tensor(sq, dtype=cdtype) if sqnorm else None, nz if sqnorm else None)
 
 
 def merge_lowrank(W, U, S, V, alpha, out, cdtype):
