@@ -6,7 +6,8 @@
 //
 // Conventions: matrices are (pointer, row stride, column stride) in elements; weights are
 // bf16 / fp16 (as raw uint16) or fp32; every small operand and output is fp32, laid out as
-// each function says. B may be null (then A alone). Nothing here owns memory.
+// each function says. B may be null (then A alone). The caller owns every operand and output (the
+// kernels keep only a per-thread scratch of their own: kernels.cpp).
 #pragma once
 #include <stdint.h>
 
