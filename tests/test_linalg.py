@@ -370,14 +370,20 @@ def test_ritz_vectors_orthonormal_to_working_precision(cdtype, smallest):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weakest", [1e-1, 1e-3, 1e-5])
-def test_orth_against_keeps_weak_directions_orthogonal(dtype, weakest):
+@pytest.mark.parametrize("w", [12, 24], ids=["householder", "gram"])
+def test_orth_against_keeps_weak_directions_orthogonal(monkeypatch, dtype, weakest, w):
     """New directions whose part outside the basis is far weaker than the block's largest
     (a Krylov block that has nearly exhausted Δ) are still orthogonal to the basis and to
-    each other to working precision, and Q·E reproduces W's part outside the basis."""
+    each other to working precision, and Q·E reproduces W's part outside the basis — by
+    Householder QR, and for float32 blocks of ≥ GRAM_ORTH_MIN columns from Gram matrices."""
+    import pyrank.linalg as L
     from pyrank.linalg import _orth_against
 
+    calls = []
+    gram = L._orth_gram
+    monkeypatch.setattr(L, "_orth_gram", lambda *a: calls.append(gram(*a)) or calls[-1])
     g = torch.Generator().manual_seed(2)
-    m, b, w = 90, 60, 12
+    m, b = 90, 60
     Qall = torch.linalg.qr(torch.randn(m, b + w, generator=g, dtype=torch.float64))[0]
     basis, comp = Qall[:, :b], Qall[:, b:]
     grade = torch.logspace(0, math.log10(weakest), w, dtype=torch.float64)
@@ -389,11 +395,43 @@ def test_orth_against_keeps_weak_directions_orthogonal(dtype, weakest):
     Q, E = _orth_against(basis_c, W_c, drop, w)
     # directions well above the drop threshold are kept, those well below it dropped
     assert int((grade > 10 * drop).sum()) <= Q.shape[1] <= int((grade > drop / 10).sum())
-    assert (basis_c.double().T @ Q.double()).abs().max().item() <= 16 * eps
-    assert_orthonormal(Q, 16 * eps)
+    tol = 16 * eps * w / 12  # (rounding grows with the block's width)
+    assert (basis_c.double().T @ Q.double()).abs().max().item() <= tol
+    assert_orthonormal(Q, tol)
     outside = W_c.double() - basis_c.double() @ (basis_c.double().T @ W_c.double())
     dropped = float(grade[Q.shape[1]:].norm()) if Q.shape[1] < w else 0.0
     assert (Q.double() @ E.double() - outside).abs().max().item() <= 64 * eps * float(W.norm()) + dropped
+    # which path ran: the Gram one where it applies (and it did not hand back to Householder)
+    wants_gram = dtype == torch.float32 and w >= L.GRAM_ORTH_MIN
+    assert len(calls) == wants_gram and all(c is not None for c in calls)
+
+
+def test_gram_orthonormalization_of_a_rank_deficient_block(monkeypatch):
+    """A rank-2 float32 block of 20 columns: with the solver's drop threshold the Gram path
+    keeps its two directions; with drop = 0 it also keeps W's rounding noise, orthonormal
+    all the same; and where its Cholesky step fails, _orth_against falls back to
+    Householder QR. Every result is orthonormal and reproduces W."""
+    import pyrank.linalg as L
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(300, 2, generator=g) @ torch.randn(2, 20, generator=g)
+    assert W.shape[1] >= L.GRAM_ORTH_MIN
+
+    def check(Q, E):
+        assert_orthonormal(Q, 1e-6)
+        assert (Q @ E - W).abs().max().item() <= 1e-5 * W.abs().max().item()
+
+    drop = 64 * torch.finfo(torch.float32).eps * float(W.norm(dim=0).max())
+    Q, E, _ = L._orth_gram(W, drop, 20)
+    assert Q.shape[1] == 2
+    check(Q, E)
+    Q, E, _ = L._orth_gram(W, 0.0, 20)
+    assert Q.shape[1] > 2
+    check(Q, E)
+    failed = torch.ones((), dtype=torch.int32)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda G, upper: (G, failed))
+    assert L._orth_gram(W, drop, 20) is None
+    check(*L._orth_against(None, W, drop, 20))
 
 
 @pytest.mark.parametrize("n,k", [(128, 8), (256, 16)])
@@ -493,5 +531,27 @@ def test_narrow_expansion_multiplies_only_what_is_left(monkeypatch):
     assert all(min(w) > 0 for w in late[1:]), narrow
     assert sum(map(sum, narrow)) < sum(map(sum, widths)), (narrow, widths)
     for r in (res, full):
+        check_result(r, W1, W0, 32, 1e-4, ctol=1e-2)
+        assert bool(r.certified[0])
+
+
+def test_narrow_expansion_restarts_a_large_basis(monkeypatch):
+    """Entering the narrow expansion with bases of more than NARROW_RESTART·l columns, the
+    solver restarts them to the top-l Ritz vectors (rotating the stored products: no pass);
+    the result meets the same LAPACK checks with the restart as without it."""
+    import pyrank.linalg as L
+
+    W1, W0 = rl_like_pair(1024, 2752, seed=0)
+    resets = []
+    reset = L._Cols.reset
+    monkeypatch.setattr(L._Cols, "reset", lambda self, X: resets.append(X.shape[1]) or reset(self, X))
+    res = pyrank.svd_lowrank(W1, 32, base=W0, cluster_tol=1e-2)
+    block = 32 + L.default_oversample(32)
+    assert resets == [block] * 4  # U, ZU, V, YV, once
+    monkeypatch.setattr(L, "NARROW_RESTART", math.inf)
+    resets.clear()
+    plain = pyrank.svd_lowrank(W1, 32, base=W0, cluster_tol=1e-2)
+    assert resets == []
+    for r in (res, plain):
         check_result(r, W1, W0, 32, 1e-4, ctol=1e-2)
         assert bool(r.certified[0])
