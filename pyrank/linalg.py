@@ -243,13 +243,16 @@ def _orth_gram(W: Tensor, drop: float, cap: int) -> Optional[Tuple[Tensor, Tenso
     keep = min(int((s > drop).sum()), cap)
     if keep == 0:
         return W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]), s.to(W.dtype)
-    Q = W @ (vec.flip(1)[:, :keep] / s[:keep]).to(W.dtype)
+    Vk = vec.flip(1)[:, :keep]
+    Q = W @ (Vk / s[:keep]).to(W.dtype)
     Qd = Q.double()
     R, info = torch.linalg.cholesky_ex(Qd.T @ Qd, upper=True)
     if int(info) != 0 or float(torch.diagonal(R).min()) < 0.5:
         return None
-    Q = torch.linalg.solve_triangular(R, Qd, upper=True, left=False).to(W.dtype)
-    return Q, Q.T @ W, s.to(W.dtype)
+    # (R ≈ I: the float32 solve loses nothing to its conditioning)
+    Q = torch.linalg.solve_triangular(R.to(W.dtype), Q, upper=True, left=False)
+    # W ≈ Q₁·diag(s)·Vᵀ = Q·R·diag(s)·Vᵀ, without the directions dropped
+    return Q, ((R * s[:keep]) @ Vk.T).to(W.dtype), s.to(W.dtype)
 
 
 class _Cols:
@@ -487,7 +490,10 @@ def svd_lowrank(
 
     # left basis U with ZU = Δᵀ·U, right basis V with YV = Δ·V, and C = Uᵀ·YV = Uᵀ·Δ·V
     cap = max_basis + l
-    bU, bZU, bV, bYV = (_Cols(r, like, cap, 2 * l + 2) for r in (m, n, n, m))
+    # (a cold start's full-block passes reach ~3 blocks a side before the narrow expansion;
+    # a warm one stops within a few narrow passes)
+    first = 2 * l + 2 if init is not None else 4 * l + 2
+    bU, bZU, bV, bYV = (_Cols(r, like, cap, first) for r in (m, n, n, m))
     C = like.new_zeros(0, 0)
     fro_value = nnz_value = None
     scale = 0.0  # max product column norm seen: a lower bound on ‖Δ‖₂, sets drop thresholds
