@@ -122,6 +122,22 @@ def test_scratch_reuse_across_sizes_and_threads():
         assert ((oy.double() - want[1].double()).abs() <= 1e-6 * scale).all()
 
 
+def test_scratch_beyond_what_a_thread_keeps():
+    """A call whose scratch (padded X plus the threads' Δᵀ·Y accumulators) exceeds the 64 MiB
+    a thread keeps allocates it for the call alone: same results as the float64 product."""
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 5, 100_003, 96  # X alone is 37 MiB; with the accumulators well over 64 MiB
+    A = torch.randn(m, n, generator=g).to(torch.bfloat16)
+    B = torch.randn(m, n, generator=g).to(torch.bfloat16)
+    X, Y = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    D = A.double() - B.double()
+    ox, oy = ops.delta_mm_both(A, B, X, Y, backend="cpu")
+    assert ((ox.double() - D @ X.double()).abs() <= 1e-6 * (D.abs() @ X.double().abs())).all()
+    assert ((oy.double() - D.T @ Y.double()).abs() <= 1e-6 * (D.abs().T @ Y.double().abs())).all()
+    # and a small call after it still gets a kept scratch of the right size
+    _check_all("cpu", *make_pair(29, 83, torch.bfloat16, seed=1), 5)
+
+
 def _operands(m, n, cols):
     """A bf16 pair (m × n) and the blocks X (n × cols), Y (m × cols) the thread tests multiply."""
     A, B = make_pair(m, n, torch.bfloat16, seed=2)
