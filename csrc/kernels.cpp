@@ -539,9 +539,15 @@ static void delta_products(int dtype, int64_t m, int64_t n, Mat A, Mat B, Mat X,
                            float* out_x, int64_t oxs, Mat Y, int64_t ky, float* out_y, int64_t oys,
                            double* sq, int64_t* nz, int nthreads) {
   switch (dtype) {
-    case kBF16: return delta_products_impl<kBF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
-    case kF16: return delta_products_impl<kF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
-    default: return delta_products_impl<kF32>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz, nthreads);
+    case kBF16:
+      return delta_products_impl<kBF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz,
+                                        nthreads);
+    case kF16:
+      return delta_products_impl<kF16>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz,
+                                        nthreads);
+    default:
+      return delta_products_impl<kF32>(m, n, A, B, X, kx, out_x, oxs, Y, ky, out_y, oys, sq, nz,
+                                        nthreads);
   }
 }
 

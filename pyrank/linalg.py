@@ -175,9 +175,10 @@ def _orth_against(basis: Optional[Tensor], W: Tensor, drop: float, limit: int,
     with (I − basis·basisᵀ)·W ≈ Q·E.
 
     Block Gram–Schmidt twice ("twice is enough"), then Householder QR and an SVD of
-    the small R (or :func:`_orth_gram` for float32 blocks of ≥ GRAM_ORTH_MIN columns): directions whose norm falls below ``drop`` are numerically in the
-    span already (or in Δ's null space) and are discarded (they are W's part that Q·E
-    leaves out). ``coef``: basisᵀ·W if the caller has it already, for the first sweep.
+    the small R (:func:`_orth_gram` instead for float32 blocks of ≥ GRAM_ORTH_MIN
+    columns): directions whose norm falls below ``drop`` are numerically in the span
+    already (or in Δ's null space) and are discarded (they are W's part that Q·E leaves
+    out). ``coef``: basisᵀ·W if the caller has it already, for the first sweep.
     ``sweeps=1`` for a W already orthogonal to the basis but for rounding (the first sweep
     then leaves it within ~eps of orthogonal: its rounding is relative to ‖W‖, which is
     its orthogonal part's norm).
