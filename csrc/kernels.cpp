@@ -500,11 +500,10 @@ static void delta_products_impl(int64_t m, int64_t n, Mat A, Mat B, Mat X, int64
     if (kx > 0) {
 #pragma omp for schedule(static) nowait
       for (int64_t j0 = 0; j0 < np; j0 += TB) {
-        const int64_t j1 = imin(j0 + TB, n);
+        const int64_t j1 = imin(j0 + TB, np);
         for (int64_t c = 0; c < kx; ++c) {
           float* xt = XT + c * np;
-          for (int64_t j = j0; j < j1; ++j) xt[j] = xp[j * X.s0 + c * X.s1];
-          for (int64_t j = j1 > j0 ? j1 : j0; j < imin(j0 + TB, np); ++j) xt[j] = 0.0f;
+          for (int64_t j = j0; j < j1; ++j) xt[j] = j < n ? xp[j * X.s0 + c * X.s1] : 0.0f;
         }
       }
     }

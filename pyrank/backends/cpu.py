@@ -70,8 +70,8 @@ def delta_products(A, B, X, Y, cdtype, sqnorm):
     if m == 0 or n == 0:  # nothing to read: every output is zero
         return (None if out_x is None else out_x.zero_(), None if out_y is None else out_y.zero_(),
                 torch.zeros((), dtype=cdtype) if sqnorm else None, 0 if sqnorm else None)
-    # X and Y as they are: the kernel reads any strides (a transposing copy here cost more
-    # than the products' small-matrix work it serves at 72 columns)
+    # X and Y as they are: the kernel reads any strides (transposing copies on the way in and
+    # out cost ~10 ms around a 72-column pass over 4096×11008 on the Intel VM: docs/DESIGN.md)
     sq, nz = _C.delta_products(
         _DTYPE_CODE[A.dtype], m, n, *_mat(A), *_mat(B), *_mat(X), kx,
         0 if out_x is None else out_x.data_ptr(), kx, *_mat(Y), ky,
