@@ -71,6 +71,11 @@ def test_bf16_merge_special_values(variant):
     assert torch.equal(out[~nan].view(torch.int16), ref[~nan].view(torch.int16))
 
 
+def _within_rounding(got, want, D, M):
+    """|got − want| ≤ 1e-6 · |D|·|M| entrywise: fp32 rounding of the sums of a product D·M."""
+    return bool(((got.double() - want.double()).abs() <= 1e-6 * (D.abs() @ M.double().abs())).all())
+
+
 def _layouts(T):
     """T (rows × cols) as the solver and users hand it over: row-major, column-major (what QR
     returns), every other row of a taller buffer, columns of a wider one, and a broadcast row."""
@@ -90,15 +95,16 @@ def test_every_variant_takes_operands_of_any_strides(variant, cols):
     A, B = make_pair(67, 131, torch.bfloat16, seed=cols)
     g = torch.Generator().manual_seed(cols)
     X, Y = torch.randn(131, cols, generator=g), torch.randn(67, cols + 1, generator=g)
-    D = (A.double() - B.double())
-    for name, (x, y) in zip(_layouts(X), zip(_layouts(X).values(), _layouts(Y).values())):
+    D = A.double() - B.double()
+    xs, ys = _layouts(X), _layouts(Y)
+    for name in xs:
+        x, y = xs[name], ys[name]
         ox, oy = ops.delta_mm_both(A, B, x, y, backend="cpu")
         assert ox.is_contiguous() and oy.is_contiguous(), name
         ref_x, ref_y = ops.delta_mm_both(A, B, x.contiguous(), y.contiguous(), backend="cpu")
         assert torch.equal(ox, ref_x) and torch.equal(oy, ref_y), name
-        # within fp32 rounding of the sums of |Δ|·|operand|
-        assert ((ox.double() - D @ x.double()).abs() <= 1e-6 * (D.abs() @ x.double().abs())).all(), name
-        assert ((oy.double() - D.T @ y.double()).abs() <= 1e-6 * (D.abs().T @ y.double().abs())).all(), name
+        assert _within_rounding(ox, D @ x.double(), D, x), name
+        assert _within_rounding(oy, D.T @ y.double(), D.T, y), name
 
 
 def test_scratch_reuse_across_sizes_and_threads():
@@ -118,8 +124,7 @@ def test_scratch_reuse_across_sizes_and_threads():
     for i, (ox, oy) in enumerate(threaded):
         (A, B, _, Y), want = cases[i % len(cases)], first[i % len(cases)]
         assert torch.equal(ox, want[0])
-        scale = (A.double() - B.double()).abs().T @ Y.double().abs()
-        assert ((oy.double() - want[1].double()).abs() <= 1e-6 * scale).all()
+        assert _within_rounding(oy, want[1], (A.double() - B.double()).T, Y)
 
 
 def test_scratch_beyond_what_a_thread_keeps():
@@ -132,8 +137,8 @@ def test_scratch_beyond_what_a_thread_keeps():
     X, Y = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
     D = A.double() - B.double()
     ox, oy = ops.delta_mm_both(A, B, X, Y, backend="cpu")
-    assert ((ox.double() - D @ X.double()).abs() <= 1e-6 * (D.abs() @ X.double().abs())).all()
-    assert ((oy.double() - D.T @ Y.double()).abs() <= 1e-6 * (D.abs().T @ Y.double().abs())).all()
+    assert _within_rounding(ox, D @ X.double(), D, X)
+    assert _within_rounding(oy, D.T @ Y.double(), D.T, Y)
     # and a small call after it still gets a kept scratch of the right size
     _check_all("cpu", *make_pair(29, 83, torch.bfloat16, seed=1), 5)
 
@@ -157,8 +162,7 @@ def test_threads_do_not_change_results_beyond_rounding():
         torch.set_num_threads(old)
     assert torch.equal(one[0], many[0])  # rows are never split across threads
     # Δᵀ·Y sums over rows split between threads: equal up to fp32 rounding of |Δ|ᵀ|Y|
-    scale = (A.double() - B.double()).abs().T @ Y.double().abs()
-    assert ((one[1].double() - many[1].double()).abs() <= 1e-6 * scale).all()
+    assert _within_rounding(one[1], many[1], (A.double() - B.double()).T, Y)
 
 
 def test_serial_small_ops_keeps_the_kernels_threads():
