@@ -376,11 +376,22 @@ def main(argv=None) -> int:
         if not args.debug:  # warnings as one line, like the errors
             warnings.showwarning = lambda message, *a, **k: print(f"pyrank: warning: {message}", file=sys.stderr)
         try:
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # (a reader that has gone shows here, not in the flush at exit)
+            return code
         except (KeyboardInterrupt, SystemExit) as exc:
             if args.debug or len(signals()) == seen:
                 raise
             return _interrupted(args, 130 if isinstance(exc, KeyboardInterrupt) else exc.code)
+        except BrokenPipeError:
+            # whoever read our output stopped (`pyrank analyze … | head`; pyrank writes to no
+            # other pipe): analyze, extrapolate and reconstruct print once their files are written
+            # (and every writer is atomic), so end quietly, as `cat` does, with stdout pointed at
+            # /dev/null for the interpreter's flush at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 128 + getattr(signal, "SIGPIPE", 13)
         except Exception as exc:
             from .io import PyrankIOError
             from .ops import BackendUnavailable

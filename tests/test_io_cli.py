@@ -207,6 +207,20 @@ def test_analyze_end_to_end(tmp_path, run):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_the_report_written(tmp_path, run):
+    """`pyrank analyze … | head -1`: the summary goes to a pipe nobody reads any more."""
+    root, base, sds = run
+    out = tmp_path / "report"
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is printed
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "pyrank", "analyze", str(root / "base"), "--run-dir", str(root / "run"),
+                        "--out", str(out), "--quiet"], stdout=w, stderr=subprocess.PIPE, text=True, env=env)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == ""
+    assert len(json.load(open(out / "report.json"))["modules"]) == 7 * L
+
+
 def test_extrapolate_writes_the_predicted_model(tmp_path, run):
     root, base, sds = run
     out = tmp_path / "pred"
