@@ -436,6 +436,28 @@ def svd_lowrank(
     Raises:
         ValueError: k < 1, bad shapes, or NaN/Inf in A or base (named).
     """
+    # The solve runs in inference mode: no autograd bookkeeping on its hundreds of small torch
+    # ops (a warm top-1 solve: 8.9 → 8.6 ms on 8960×1536, 2.1 → 1.8 ms on 256×1536, Intel VM, 2
+    # cores, medians of 40). Its results are copied out of that mode, so a caller may use them
+    # with autograd (as adapter weights, say).
+    with torch.inference_mode():
+        out = _svd_lowrank(A, k, base, init, tol, max_passes, oversample, seed, backend, fro, cluster_tol)
+    return _outside_inference(out)
+
+
+def _outside_inference(out: LowRankSVD) -> LowRankSVD:
+    """``out`` with its tensors copied out of inference mode (where they were made)."""
+    def own(t):
+        return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+    out.U, out.S, out.V, out.residual, out.certified = map(own, (out.U, out.S, out.V, out.residual, out.certified))
+    if out.basis is not None:
+        out.basis = tuple(map(own, out.basis))
+    return out
+
+
+def _svd_lowrank(A, k, base, init, tol, max_passes, oversample, seed, backend, fro, cluster_tol) -> LowRankSVD:
+    """svd_lowrank's solve (arguments as there)."""
     ops.check_weights(A, base, names=("A", "base"))
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")

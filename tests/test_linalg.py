@@ -200,6 +200,23 @@ def test_deterministic_and_signed():
     assert sin_angle(r1.U, r3.U) < 1e-3
 
 
+def test_results_are_ordinary_tensors_whatever_mode_the_caller_is_in():
+    """The solve runs in inference mode; what it returns is not an inference tensor (autograd may
+    use it: PiSSA-style adapter weights), and a caller's own inference or no-grad mode is fine."""
+    A, B = _pair(90, 70, [1, 0.5, 0.2], torch.float32, seed=2)
+    r = pyrank.svd_lowrank(A, 2, base=B, fro=True)
+    for t in (r.U, r.S, r.V, r.residual, r.certified, *r.basis):
+        assert not t.is_inference()
+    w = torch.nn.Parameter(r.U * r.S)
+    (w @ r.V.T).square().sum().backward()
+    assert w.grad is not None and w.grad.shape == r.U.shape
+    with torch.inference_mode():
+        ri = pyrank.svd_lowrank(A, 2, base=B, init=r)
+    with torch.no_grad():
+        rn = pyrank.svd_lowrank(A, 2, base=B, init=r)
+    assert torch.equal(ri.U, rn.U) and torch.equal(ri.S, rn.S)
+
+
 def test_max_passes_returns_unconverged():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(400, 300, generator=g)  # Marchenko–Pastur bulk: slow
