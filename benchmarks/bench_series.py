@@ -20,6 +20,10 @@ Rows (all measured in this run, on this machine):
                        the read floor
   torch.svd_lowrank    materialize ΔW in fp32 + torch.svd_lowrank(q=k+2, niter=2): likewise
 
+GB/s: the bytes each row reads over its wall time — the files, for the read floors; the
+modules' base and checkpoint tensors, each once, for pyrank and the baselines (what any of them
+must read); the passes' bytes, for the kernel bound (the fused pass's bandwidth).
+
 "cold" runs first evict the series' files from the page cache (posix_fadvise DONTNEED:
 no root needed; the disk bytes actually read, from /proc/vmstat, show whether it worked)
 and "warm" runs follow a run that left them cached (when RAM holds them).
@@ -308,6 +312,9 @@ def main():
     bw = kernel_bandwidth((cfg["mlp"], cfg["hidden"]), args.k)
     passes_bytes = sum(p * 2 * math.prod(m["shape"]) * 2 for m in report["modules"].values() for p in m["passes"])
     bound = passes_bytes / bw
+    # what an analysis reads once: every module's base and checkpoint tensors (bf16); its GB/s
+    # is over those bytes, from disk (cold) or from the page cache (warm)
+    data_bytes = sum(2 * math.prod(m["shape"]) * (1 + len(m["passes"])) for m in report["modules"].values())
     n_obs = sum(len(m["passes"]) for m in report["modules"].values())
     med_passes = sorted(p for m in report["modules"].values() for p in m["passes"])[n_obs // 2]
     conv = sum(m["converged"] for m in report["modules"].values()) / len(report["modules"])
@@ -321,10 +328,11 @@ def main():
          **floor_cold},
         {"method": "read floor: every file once, warm" + ("" if warm_ok else " (the cache did not hold it: read from disk)"),
          **floor_warm},
-        {"method": f"pyrank analyze --k {args.k}, cold" + ("" if cold_ok else " (cache not dropped)"), **cold,
+        {"method": f"pyrank analyze --k {args.k}, cold" + ("" if cold_ok else " (cache not dropped)"), "bytes": data_bytes,
+         **cold,
          "x_floor": cold["wall_s"] / floor_cold["wall_s"], "x_bound": cold["wall_s"] / bound,
          "passes": med_passes, "accuracy": f"tol 1e-4, {conv:.0%} of modules converged"},
-        {"method": f"pyrank analyze --k {args.k}, warm", **warm,
+        {"method": f"pyrank analyze --k {args.k}, warm", "bytes": data_bytes, **warm,
          "x_floor": warm["wall_s"] / floor_cold["wall_s"], "x_bound": warm["wall_s"] / bound,
          "passes": med_passes, "accuracy": f"tol 1e-4, {conv:.0%} of modules converged"},
         {"method": f"kernel bound ({n_obs} observations, {bw / gb:.1f} GB/s fused pass)", "wall_s": bound,
@@ -342,10 +350,10 @@ def main():
         a_lr = max(b["angle_lowrank"] for b in bl.values())
         rows += [
             {"method": "AlphaRL-style: fp32 ΔW + torch.linalg.svd (extrapolated) + cold read floor",
-             "wall_s": dense + floor_cold["wall_s"], "x_floor": (dense + floor_cold["wall_s"]) / floor_cold["wall_s"],
+             "wall_s": dense + floor_cold["wall_s"], "bytes": data_bytes, "x_floor": (dense + floor_cold["wall_s"]) / floor_cold["wall_s"],
              "accuracy": "exact (reference)"},
             {"method": f"fp32 ΔW + torch.svd_lowrank(q={args.k + 2}, niter=2) (extrapolated) + cold read floor",
-             "wall_s": lowr + floor_cold["wall_s"], "x_floor": (lowr + floor_cold["wall_s"]) / floor_cold["wall_s"],
+             "wall_s": lowr + floor_cold["wall_s"], "bytes": data_bytes, "x_floor": (lowr + floor_cold["wall_s"]) / floor_cold["wall_s"],
              "accuracy": f"σ₁ rel. err ≤ {e_lr:.1e}, u₁ angle ≤ {a_lr:.1e} rad"},
         ]
         rows[2]["accuracy"] += f"; σ₁ rel. err ≤ {e_py:.1e} (sampled vs fp64 SVD)"
@@ -356,7 +364,8 @@ def main():
         for key in ("bytes", "disk_bytes"):
             if key in r:
                 r[key + "_gb"] = r[key] / gb
-    cols = [("method", "method", "{}"), ("wall (s)", "wall_s", "{:.1f}"), ("disk read (GB)", "disk_bytes_gb", "{:.2f}"),
+    cols = [("method", "method", "{}"), ("wall (s)", "wall_s", "{:.1f}"), ("GB/s", "gbps", "{:.2f}"),
+            ("disk read (GB)", "disk_bytes_gb", "{:.2f}"),
             ("× read floor (cold)", "x_floor", "{:.2f}"), ("× kernel bound", "x_bound", "{:.2f}"),
             ("peak RSS (MB)", "rss_mb", "{:.0f}"), ("median passes", "passes", "{}"), ("accuracy", "accuracy", "{}")]
     head = (f"## bench_series: `pyrank analyze` on a {args.shape}-shaped series ({layers} layers, base + "
