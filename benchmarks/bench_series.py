@@ -310,11 +310,15 @@ def main():
     report = json.load(open(os.path.join(out, "report.json")))
 
     bw = kernel_bandwidth((cfg["mlp"], cfg["hidden"]), args.k)
-    passes_bytes = sum(p * 2 * math.prod(m["shape"]) * 2 for m in report["modules"].values() for p in m["passes"])
+    def nbytes(m):  # one of the module's tensors (the series is bf16)
+        return 2 * math.prod(m["shape"])
+
+    # each pass reads a pair (W_t, W₀)
+    passes_bytes = sum(p * 2 * nbytes(m) for m in report["modules"].values() for p in m["passes"])
     bound = passes_bytes / bw
-    # what an analysis reads once: every module's base and checkpoint tensors (bf16); its GB/s
-    # is over those bytes, from disk (cold) or from the page cache (warm)
-    data_bytes = sum(2 * math.prod(m["shape"]) * (1 + len(m["passes"])) for m in report["modules"].values())
+    # what an analysis reads once: every module's base and checkpoint tensors; its GB/s is over
+    # those bytes, from disk (cold) or from the page cache (warm)
+    data_bytes = sum(nbytes(m) * (1 + len(m["passes"])) for m in report["modules"].values())
     n_obs = sum(len(m["passes"]) for m in report["modules"].values())
     med_passes = sorted(p for m in report["modules"].values() for p in m["passes"])[n_obs // 2]
     conv = sum(m["converged"] for m in report["modules"].values()) / len(report["modules"])

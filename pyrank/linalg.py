@@ -530,12 +530,13 @@ def _svd_lowrank(A, k, base, init, tol, max_passes, oversample, seed, backend, f
 
     def rotate(P, Q, keep):
         """Thick restart: the bases become the top-``keep`` Ritz vectors, their stored
-        products rotated alike (no pass). Returns the new U, ZU, V, YV."""
+        products rotated alike (no pass). Returns the new U, ZU, V, YV and C = Uᵀ·YV
+        (≈ diag(σ), recomputed: keep² entries)."""
         bU.reset(U @ P[:, :keep])
         bZU.reset(ZU @ P[:, :keep])
         bV.reset(V @ Q[:, :keep])
         bYV.reset(YV @ Q[:, :keep])
-        return bU.mat, bZU.mat, bV.mat, bYV.mat
+        return bU.mat, bZU.mat, bV.mat, bYV.mat, bU.mat.T @ bYV.mat
 
     def stop(P, sig, Q, sk, exhausted, force):
         """The result if the exact residuals allow a stop (always with ``force``), else those
@@ -661,8 +662,7 @@ def _svd_lowrank(A, k, base, init, tol, max_passes, oversample, seed, backend, f
                 if watch is None and min(U.shape[1], V.shape[1]) > NARROW_RESTART * l:
                     # entering the narrow expansion with a large basis: restart it to the
                     # top-l Ritz vectors (see NARROW_RESTART)
-                    U, ZU, V, YV = rotate(P, Q, min(l, sig.shape[0]))
-                    C = U.T @ YV
+                    U, ZU, V, YV, C = rotate(P, Q, min(l, sig.shape[0]))
                     P, sig, Q = _ritz(C, l, cdtype)
                 sel = narrow_sel(need, kk, sig.shape[0])
                 RL, RR, _ = _residuals(U, ZU, V, YV, P, sig, Q, sel)
@@ -674,8 +674,7 @@ def _svd_lowrank(A, k, base, init, tol, max_passes, oversample, seed, backend, f
         if U.shape[1] + pend_u.shape[1] > max_basis or V.shape[1] + pend_v.shape[1] > max_basis:
             # thick restart: keep the top-l Ritz vectors, rotate their stored products, and
             # continue from their residual directions
-            U, ZU, V, YV = rotate(P, Q, min(l, sig.shape[0]))
-            C = U.T @ YV  # ≈ diag(σ), recomputed: l² entries
+            U, ZU, V, YV, C = rotate(P, Q, min(l, sig.shape[0]))
             pend_u = _orth_against(U, YV, drop, l)[0]
             pend_v = _orth_against(V, ZU, drop, l)[0]
             watch = None
